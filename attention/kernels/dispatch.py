@@ -1,0 +1,75 @@
+"""Pick the Triton kernels on CUDA when they can run, else the PyTorch reference.
+
+Falling back warns once per process: the reference is correct but slow on real sizes.
+"""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .reference import block_index_from_mask, full_block_index, merge_attention  # noqa: F401
+
+_triton_module = None
+_triton_checked = False
+_warned = False
+
+
+def _triton():
+    """The Triton implementation module, or None when Triton or CUDA is missing."""
+    global _triton_module, _triton_checked
+    if not _triton_checked:
+        _triton_checked = True
+        if torch.cuda.is_available():
+            try:
+                from . import triton_block_sparse
+                _triton_module = triton_block_sparse
+            except ImportError:
+                _triton_module = None
+    return _triton_module
+
+
+def triton_usable(q, block_size=64):
+    """Whether the Triton path accepts these inputs."""
+    D = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and 16 <= D <= 128 and D & (D - 1) == 0  # larger heads: untested tiles
+            and 16 <= block_size <= 256 and block_size & (block_size - 1) == 0
+            and _triton() is not None)
+
+
+def _warn_fallback(q):
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"block-sparse attention: no Triton kernel for device={q.device.type}, "
+            f"dtype={q.dtype}, head_dim={q.shape[-1]}; using the slow PyTorch reference",
+            RuntimeWarning, stacklevel=3)
+
+
+def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, *, block_size=64,
+                           pooled_k=None, pooled_v=None, pooled_log_weight=None, scale=None):
+    """Block-sparse attention -> (out, lse); see ``reference.block_sparse_attention``."""
+    kwargs = dict(block_size=block_size, pooled_k=pooled_k, pooled_v=pooled_v,
+                  pooled_log_weight=pooled_log_weight, scale=scale)
+    if triton_usable(q, block_size):
+        return _triton().block_sparse_attention(q, k, v, kv_block_index, kv_block_count, **kwargs)
+    _warn_fallback(q)
+    return reference.block_sparse_attention(q, k, v, kv_block_index, kv_block_count, **kwargs)
+
+
+def dense_attention(q, k, v, scale=None, *, return_lse=True):
+    """Full attention -> (out, lse). Without ``return_lse`` this is SDPA and lse is None.
+
+    With lse on CUDA, the Triton kernel runs with every block selected (it yields both).
+    """
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    if triton_usable(q, 128):
+        bs = 128
+        B, H, N, _ = q.shape
+        index, count = full_block_index(-(-N // bs), -(-k.shape[2] // bs), B, H, q.device)
+        return _triton().block_sparse_attention(q, k, v, index, count, block_size=bs, scale=scale)
+    return reference.dense_attention(q, k, v, scale=scale)

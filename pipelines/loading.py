@@ -1,0 +1,183 @@
+"""One-line loading of a text-to-video pipeline, and writing its frames to a video file.
+
+    from pipelines import load_pipeline, export_video
+    pipe = load_pipeline()                         # the embedded model, on CUDA if there is one
+    video = pipe("a red circle moves to the right on black").frames[0]
+    export_video(video, "red_circle.mp4")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.text_to_video import TextToVideoPipeline
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def available_models() -> dict[str, Path]:
+    """Models known by name: the one embedded in the package."""
+    from t2v import EMBEDDED_MODEL, default_model_path
+
+    return {EMBEDDED_MODEL: default_model_path()}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
+    """The pipeline folder for a model name or path; errors say what was expected."""
+    if name_or_path is None:
+        from t2v import default_model_path
+
+        return default_model_path()
+    known = available_models()
+    if str(name_or_path) in known:
+        return known[str(name_or_path)]
+    path = Path(name_or_path)
+    expected = (f"expected a pipeline folder saved by TextToVideoPipeline (with model_index.json) "
+                f"or one of: {', '.join(known)}")
+    if not path.exists():
+        raise FileNotFoundError(f"unknown model {str(name_or_path)!r}: no such folder; {expected}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"unknown model {str(path)!r}: it has no model_index.json; {expected}")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {index}: {error}") from error
+    if class_name != TextToVideoPipeline.__name__:
+        # A diffusers Wan folder, say: those load with diffusers' own pipeline class (see the README).
+        raise ValueError(f"unknown model {str(path)!r}: it holds a {class_name}; {expected}")
+    return path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {str(device)!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but no CUDA GPU is available")
+    return device
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike | None = None,
+    attention: str | None = None,
+    guidance: list | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **attention_options,
+) -> TextToVideoPipeline:
+    """Loads a TextToVideoPipeline (None: the embedded model) onto `device` (default CUDA if available, else CPU)
+    in `dtype` (default bfloat16 on CUDA, float32 elsewhere).
+
+    attention: a registered attention method installed in every self-attention layer, with `attention_options`.
+    guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`.
+    """
+    import attention as attention_registry
+    from t2v.guidance import resolve_guidance
+
+    # Names are checked before the weights are read, so a typo fails fast.
+    if attention is not None:
+        attention_registry.get_method(attention)
+    elif attention_options:
+        raise ValueError(f"attention options {sorted(attention_options)} given without an attention method")
+    default_guidance = resolve_guidance(guidance)
+    path = resolve_model_path(name_or_path)
+    device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # no notes about experimental guiders on every load
+    try:
+        pipe = TextToVideoPipeline.from_pretrained(path, dtype=dtype)
+    except OSError as error:
+        raise OSError(f"could not load the model in {path}: {error}") from error
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipe.to(device)
+    if attention is not None:
+        attention_registry.apply(pipe.transformer, attention, **attention_options)
+    pipe.default_guidance = default_guidance
+    return pipe
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Checks that a video can be written at `path` (known suffix, folder writable), creating the folder if needed."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"cannot write {str(path)!r}: the file name must end in {' or '.join(VIDEO_SUFFIXES)}")
+    if path.is_dir():
+        raise ValueError(f"cannot write {str(path)!r}: it is a folder")
+    check_writable_dir(path.parent)
+    return path
+
+
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """Creates `folder` if needed and proves it writable by writing a file there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write to folder {str(folder)!r}: {error.strerror or error}") from error
+    return folder
+
+
+def video_array(frames) -> np.ndarray:
+    """uint8 (frames, height, width, 3) from np/torch (F, H, W, 3) in [0, 1] or uint8, or a list of PIL images."""
+    if isinstance(frames, (list, tuple)) and frames and not isinstance(frames[0], (np.ndarray, torch.Tensor)):
+        frames = np.stack([np.asarray(image.convert("RGB")) for image in frames])
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim == 5 and frames.shape[0] == 1:
+        frames = frames[0]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected one video of shape (frames, height, width, 3), got {frames.shape}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return frames
+
+
+def export_video(frames, path: str | os.PathLike, fps: int = 8, scale: int | None = None) -> Path:
+    """Writes one video as .mp4 (H.264 through imageio-ffmpeg) or .gif, returns its path.
+
+    Small clips are enlarged by a whole factor with nearest-neighbour sampling, so that each model pixel stays a sharp
+    square: by default the smallest factor that makes the short side at least 256 pixels (scale=1 keeps the size).
+    """
+    path = check_output_path(path)
+    frames = video_array(frames)
+    if scale is None:
+        scale = max(1, math.ceil(256 / min(frames.shape[1:3])))
+    if scale < 1:
+        raise ValueError(f"scale must be a whole number >= 1, got {scale}")
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    if path.suffix.lower() == ".gif":
+        import imageio.v3 as iio
+
+        iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+    else:
+        from diffusers.utils import export_to_video
+        from PIL import Image
+
+        # H.264 in yuv420p needs even sizes; pad by one edge pixel rather than let ffmpeg rescale.
+        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+        if pad_h or pad_w:
+            frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        # As PIL images: diffusers scales numpy frames by 255 whatever their dtype.
+        images = [Image.fromarray(frame) for frame in frames]
+        export_to_video(images, str(path), fps=fps, quality=8, macro_block_size=1)
+    return path

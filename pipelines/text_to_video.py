@@ -1,0 +1,177 @@
+"""TextToVideoPipeline: text in, video out, with the embedded model or any VideoDiT checkpoint.
+
+The denoising loop follows diffusers' guider protocol (as in its HunyuanVideo 1.5 pipeline): the guider splits the
+conditioning into the batches it needs (conditional, unconditional, ...), the transformer runs once per batch, and
+the guider combines the predictions. Extra guidance objects (``guidance=[...]``) are called at the same points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from t2v.guidance import resolve_guidance
+from t2v.models import TextEncoder, VideoDiT
+
+
+@dataclass
+class TextToVideoPipelineOutput(BaseOutput):
+    """``frames``: np (batch, frames, height, width, 3) in [0, 1], pt (batch, frames, 3, height, width), or PIL lists."""
+
+    frames: np.ndarray | torch.Tensor | list
+
+
+class TextToVideoPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _optional_components = ["guider"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        transformer: VideoDiT,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        guider: ClassifierFreeGuidance | None = None,
+    ):
+        super().__init__()
+        guider = guider if guider is not None else ClassifierFreeGuidance(guidance_scale=5.0)
+        self.register_modules(text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, guider=guider)
+        self.video_processor = VideoProcessor(vae_scale_factor=1)
+        # Guidance objects used when a call passes no `guidance` (load_pipeline(guidance=...) sets them).
+        self.default_guidance: list = []
+
+    @property
+    def default_video_shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) the transformer was trained at."""
+        c = self.transformer.config
+        return c.sample_frames, c.sample_height, c.sample_width
+
+    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("`prompt` must be a non-empty string or a non-empty list of strings")
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt must be a non-empty string, got {p!r}")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"output_type must be one of 'np', 'pt', 'pil', 'latent', got {output_type!r}")
+        self.transformer.check_video_shape(num_frames, height, width)
+        return prompts
+
+    def encode_prompt(self, prompts: list[str], num_videos_per_prompt: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings (B * num_videos_per_prompt, L, D) and their mask."""
+        # Padding to the encoder's full length makes a prompt's video independent of the other prompts in the batch.
+        ids, mask = self.text_encoder.tokenize(prompts, pad_to_max_length=True)
+        ids, mask = ids.to(device), mask.to(device)
+        embeds = self.text_encoder(ids, mask)
+        embeds = embeds.to(self.transformer.dtype).repeat_interleave(num_videos_per_prompt, dim=0)
+        return embeds, mask.repeat_interleave(num_videos_per_prompt, dim=0)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        guidance: list | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        attention_kwargs: dict[str, Any] | None = None,
+    ):
+        default_frames, default_height, default_width = self.default_video_shape
+        num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
+        prompts = self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        device = self._execution_device
+        guider = self.guider if guidance_scale is None else self.guider.new(guidance_scale=guidance_scale)
+        extra_guidance = resolve_guidance(self.default_guidance if guidance is None else guidance)
+
+        prompt_embeds, prompt_mask = self.encode_prompt(prompts, num_videos_per_prompt, device)
+        negative = negative_prompt if negative_prompt is not None else ""
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else negative
+        negative_embeds, negative_mask = self.encode_prompt(negatives, num_videos_per_prompt, device)
+
+        batch = len(prompts) * num_videos_per_prompt
+        shape = (batch, self.transformer.config.in_channels, num_frames, height, width)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        for g in extra_guidance:
+            g.begin(self, num_inference_steps)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                guider.set_state(step=i, num_inference_steps=num_inference_steps, timestep=t)
+                guider_inputs = {
+                    "encoder_hidden_states": (prompt_embeds, negative_embeds),
+                    "encoder_attention_mask": (prompt_mask, negative_mask),
+                }
+                model_input = latents.to(self.transformer.dtype)
+                timestep = t.expand(batch).to(device)
+                guider_state = guider.prepare_inputs(guider_inputs)
+                for state in guider_state:
+                    guider.prepare_models(self.transformer)
+                    cond_kwargs = {name: getattr(state, name) for name in guider_inputs}
+                    for g in extra_guidance:
+                        g.before_model(self, i, t)
+                    state.noise_pred = self.transformer(
+                        hidden_states=model_input, timestep=timestep, return_dict=False, **cond_kwargs
+                    )[0].float()
+                    for g in extra_guidance:
+                        g.after_model(self, i, t)
+                    guider.cleanup_models(self.transformer)
+                noise_pred = guider(guider_state)[0]
+                for g in extra_guidance:
+                    noise_pred = g.adjust_prediction(self, i, t, noise_pred, latents)
+
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    # A loop, not a comprehension: before Python 3.12 a comprehension has its own locals().
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+
+        for g in extra_guidance:
+            g.end(self)
+        self.maybe_free_model_hooks()
+
+        if output_type == "latent":
+            frames = latents
+        else:
+            frames = self.video_processor.postprocess_video(latents.clamp(-1, 1), output_type=output_type)
+        if not return_dict:
+            return (frames,)
+        return TextToVideoPipelineOutput(frames=frames)

@@ -1,0 +1,51 @@
+"""Score a model over the held-out and training-distribution prompt suites (the scorer reads each clip back).
+
+    python scripts/evaluate.py --model t2v/checkpoints/t2v-tiny --prompts 50 --seeds 4 --json eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from pipelines import TextToVideoPipeline
+from t2v.eval import evaluate_suite
+
+COLUMNS = ("colour", "shape", "motion", "speed", "background", "count", "all")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    parser.add_argument("--splits", default="heldout,train")
+    parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    from t2v import default_model_path
+
+    pipe = TextToVideoPipeline.from_pretrained(args.model or default_model_path(), torch_dtype=torch.float32)
+    pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    results = []
+    for split in args.splits.split(","):
+        results.append(evaluate_suite(pipe, split, args.prompts, args.seeds, args.batch_size,
+                                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale))
+    print(f"{'split':<8}" + "".join(f"{c:>11}" for c in COLUMNS) + f"{'flicker':>9}{'clips':>7}{'seconds':>9}")
+    for r in results:
+        cells = "".join(f"{'-' if r[c] is None else f'{100 * r[c]:.1f}%':>11}" for c in COLUMNS)
+        print(f"{r['split']:<8}{cells}{r['flicker']:>9.4f}{r['n_clips']:>7}{r['seconds']:>9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Train the embedded text-to-video model on the procedural video world, and export it as a pipeline folder.
+
+    accelerate launch scripts/train.py --output-dir runs/t2v-tiny --steps 3000 --batch-size 256 --mixed-precision bf16
+    python scripts/train.py --export runs/t2v-tiny/ema --to t2v/checkpoints/t2v-tiny
+
+Training writes accelerate checkpoints (safetensors) every --save-every steps and the EMA weights at the end;
+--resume DIR continues from a checkpoint, --init-from DIR starts from exported weights with a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", shard: str = "15MB") -> None:
+    """Writes a diffusers pipeline folder (model_index.json and one subfolder per component)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from pipelines import TextToVideoPipeline
+    from t2v.models import TextEncoder, VideoDiT
+
+    pipe = TextToVideoPipeline(
+        text_encoder=TextEncoder.from_pretrained(weights / "text_encoder"),
+        transformer=VideoDiT.from_pretrained(weights / "transformer"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+    )
+    pipe.to(getattr(torch, dtype))
+    pipe.save_pretrained(destination, max_shard_size=shard)
+    print(f"exported pipeline to {destination}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/t2v-tiny")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=4e-4)
+    parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=1000)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
+    parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
+    parser.add_argument("--resume", default=None, help="accelerate checkpoint folder to continue from")
+    parser.add_argument("--init-from", default=None, help="exported weights (text_encoder/, transformer/) to start from")
+    parser.add_argument("--transformer-config", default="{}", help="JSON overrides of the VideoDiT config")
+    parser.add_argument("--text-encoder-config", default="{}", help="JSON overrides of the TextEncoder config")
+    parser.add_argument("--export", type=Path, default=None, help="export these EMA weights as a pipeline and stop")
+    parser.add_argument("--to", type=Path, default=Path("t2v/checkpoints/t2v-tiny"))
+    args = parser.parse_args(argv)
+
+    if args.export is not None:
+        export_pipeline(args.export, args.to)
+        return
+
+    from t2v.training import TrainConfig, train
+
+    cfg = TrainConfig(
+        output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
+        seed=args.seed, save_every=args.save_every, max_minutes=args.max_minutes, init_from=args.init_from,
+        compile=args.compile,
+        transformer=json.loads(args.transformer_config), text_encoder=json.loads(args.text_encoder_config),
+    )
+    final = train(cfg, resume=args.resume)
+    print(f"EMA weights in {final}")
+
+
+if __name__ == "__main__":
+    main()

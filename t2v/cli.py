@@ -1,0 +1,132 @@
+"""The ``t2v`` command.
+
+    t2v generate "a red circle moves to the right on black" -o red_circle.mp4 --seed 0 --steps 25
+    t2v list
+
+The pipelines package sits above this one, so it is imported inside the commands, never at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+import warnings
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit code 2."""
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """'key=value' with the value read as a Python literal where it is one (2, 0.5, True, [0, 1]), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--attention-option must look like key=value, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip(), parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2v", description="Text-to-video generation with the t2v toolkit.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate one video from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="video.mp4", help="an .mp4 or .gif file (default: video.mp4)")
+    gen.add_argument("--model", default=None, help="a pipeline folder or model name (default: the embedded model)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=25, help="denoising steps")
+    gen.add_argument("--frames", type=int, default=None, help="default: what the model was trained at")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--attention", default=None, help="attention method (see `t2v list`)")
+    gen.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="option of the attention method, repeatable (e.g. dense_warmup_steps=2)")
+    gen.add_argument("--guidance", action="append", default=[], metavar="NAME",
+                     help="extra guidance method, repeatable (see `t2v list`)")
+    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    gen.add_argument("--fps", type=int, default=8)
+
+    commands.add_parser("list", help="list models, attention methods and guidance methods")
+    return parser
+
+
+def cmd_list(args) -> None:
+    import attention
+    from pipelines import available_models
+    from t2v.guidance import available_guidance
+
+    print("models:")
+    for name, path in available_models().items():
+        print(f"  {name} (embedded, default)  {path}")
+    print("attention methods:")
+    for name in attention.available_methods():
+        print(f"  {name}")
+    print("guidance methods (classifier-free guidance is always on; set its scale with --guidance-scale):")
+    for name in available_guidance() or ["(none registered)"]:
+        print(f"  {name}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    import attention
+    from pipelines import check_output_path, export_video, load_pipeline
+    from t2v.guidance import get_guidance
+
+    # Everything that needs no model is checked first, the output folder included.
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    for name, value in (("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    options = dict(parse_option(text) for text in args.attention_option)
+    if args.attention is not None:
+        attention.get_method(args.attention)
+    guidance = [get_guidance(name) for name in args.guidance]
+    output = check_output_path(args.output)
+
+    start = time.perf_counter()
+    pipe = load_pipeline(args.model, attention=args.attention, guidance=guidance, device=args.device, **options)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    frames = pipe(
+        args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
+        width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator,
+    ).frames[0]
+    export_video(frames, output, fps=args.fps)
+    print(f"{output}  ({time.perf_counter() - start:.1f} s)")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"t2v: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not the user's concern
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()  # the loading bars; the denoising bar stays
+        {"generate": cmd_generate, "list": cmd_list}[args.command](args)
+    except (UsageError, ValueError, TypeError, OSError) as error:
+        print(f"t2v: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

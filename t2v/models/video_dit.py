@@ -1,0 +1,159 @@
+"""VideoDiT: a small video diffusion transformer trained with flow matching.
+
+Built from the same blocks as diffusers' Wan 2.1 transformer (``WanTransformerBlock``: self-attention with 3D rotary
+embedding, cross-attention to text, AdaLN-zero modulation from the timestep), so that one attention adapter serves
+both this model and real Wan checkpoints. What differs: a pixel-space patch embedding (no VAE), the text
+conditioning from this project's small text encoder (its pooled embedding also joins the timestep embedding), and
+explicit checks of what frame counts and sizes the model can take.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
+
+
+class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
+    """Predicts the flow-matching velocity (noise - clean) of a video (B, C, F, H, W) at a timestep in [0, 1000]."""
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["WanTransformerBlock"]
+    _repeated_blocks = ["WanTransformerBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        patch_size: tuple[int, int, int] = (1, 4, 4),
+        num_attention_heads: int = 4,
+        attention_head_dim: int = 64,
+        num_layers: int = 8,
+        ffn_dim: int = 1024,
+        text_dim: int = 128,
+        freq_dim: int = 256,
+        max_frames: int = 32,
+        max_height: int = 64,
+        max_width: int = 64,
+        sample_frames: int = 16,
+        sample_height: int = 32,
+        sample_width: int = 32,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        inner_dim = num_attention_heads * attention_head_dim
+        patch_size = tuple(patch_size)
+        self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        max_positions = max(max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
+        self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, max_positions)
+        # Wan builds its rotary tables in float64, which promotes q and k to float64 in every attention call.
+        self.rope.freqs_cos, self.rope.freqs_sin = self.rope.freqs_cos.float(), self.rope.freqs_sin.float()
+
+        self.time_proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(freq_dim, inner_dim)
+        self.pooled_text_embedding = nn.Linear(text_dim, inner_dim)
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(inner_dim, 6 * inner_dim))
+        self.text_projection = nn.Sequential(
+            nn.Linear(text_dim, inner_dim), nn.GELU(approximate="tanh"), nn.Linear(inner_dim, inner_dim)
+        )
+
+        self.blocks = nn.ModuleList(
+            [
+                WanTransformerBlock(inner_dim, ffn_dim, num_attention_heads, cross_attn_norm=True, eps=eps)
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
+        self.gradient_checkpointing = False
+        self._init_adaln_zero()
+
+    def _init_adaln_zero(self):
+        # Every residual branch starts closed (gate 0) and the output starts at 0, so training begins from identity.
+        nn.init.zeros_(self.time_modulation[1].weight)
+        nn.init.zeros_(self.time_modulation[1].bias)
+        for block in self.blocks:
+            with torch.no_grad():
+                block.scale_shift_table[:, 2].zero_()
+                block.scale_shift_table[:, 5].zero_()
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def supported_shapes(self) -> str:
+        c = self.config
+        pt, ph, pw = c.patch_size
+        return (
+            f"frames a multiple of {pt} up to {c.max_frames}, height a multiple of {ph} up to {c.max_height}, "
+            f"width a multiple of {pw} up to {c.max_width}"
+        )
+
+    def check_video_shape(self, num_frames: int, height: int, width: int) -> None:
+        """Raises ValueError when the model cannot take this many frames or this size, saying what it can take."""
+        c = self.config
+        pt, ph, pw = c.patch_size
+        bad = (
+            num_frames < pt or num_frames % pt or num_frames > c.max_frames
+            or height < ph or height % ph or height > c.max_height
+            or width < pw or width % pw or width > c.max_width
+        )
+        if bad:
+            raise ValueError(
+                f"this model cannot take {num_frames} frames of {height}x{width}; it takes {self.supported_shapes()}"
+            )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        batch, channels, frames, height, width = hidden_states.shape
+        if channels != self.config.in_channels:
+            raise ValueError(f"expected {self.config.in_channels} channels, got {channels}")
+        self.check_video_shape(frames, height, width)
+        pt, ph, pw = self.config.patch_size
+        rotary_emb = self.rope(hidden_states)
+
+        tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=hidden_states.device)
+        text_mask = encoder_attention_mask.to(encoder_hidden_states.dtype).unsqueeze(-1)
+        pooled_text = (encoder_hidden_states * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
+
+        time_freqs = self.time_proj(timestep).to(self.time_embedding.linear_1.weight.dtype)
+        temb = self.time_embedding(time_freqs) + self.pooled_text_embedding(pooled_text).float()
+        block_modulation = self.time_modulation(temb).unflatten(1, (6, -1))
+        # Padding tokens are zeroed (as Wan zero-pads its text), so the blocks' cross-attention needs no mask.
+        context = self.text_projection(encoder_hidden_states) * text_mask
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, context, block_modulation, rotary_emb)
+            else:
+                tokens = block(tokens, context, block_modulation, rotary_emb)
+
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
+        patches = self.proj_out(tokens)
+
+        grid = (frames // pt, height // ph, width // pw)
+        patches = patches.reshape(batch, *grid, self.config.out_channels, pt, ph, pw)
+        video = patches.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, self.config.out_channels, frames, height, width)
+        if not return_dict:
+            return (video,)
+        return Transformer2DModelOutput(sample=video)

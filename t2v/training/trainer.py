@@ -1,0 +1,169 @@
+"""Flow-matching training of VideoDiT and its text encoder on the procedural video world, with accelerate.
+
+Rectified flow: x_t = (1 - t) * video + t * noise, the model predicts the velocity noise - video at timestep
+1000 * t, which is what diffusers' FlowMatchEulerDiscreteScheduler integrates. Data are generated on the fly on the
+training device; nothing is read from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from t2v.data import VideoWorld, vocabulary
+from t2v.models import TextEncoder, VideoDiT
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/t2v-tiny"
+    steps: int = 3000
+    batch_size: int = 128
+    learning_rate: float = 4e-4
+    warmup_steps: int = 300
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    mixed_precision: str = "no"
+    seed: int = 0
+    frames: int = 16
+    height: int = 32
+    width: int = 32
+    two_object_prob: float = 0.25
+    save_every: int = 1000
+    log_every: int = 50
+    max_minutes: float | None = None
+    init_from: str | None = None
+    compile: bool = False
+    transformer: dict = field(default_factory=dict)
+    text_encoder: dict = field(default_factory=dict)
+
+
+class FlowMatchingModule(torch.nn.Module):
+    """Text encoder and transformer as one module, so accelerate wraps, clips and checkpoints them together."""
+
+    def __init__(self, text_encoder: TextEncoder, transformer: VideoDiT):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.transformer = transformer
+
+    def forward(self, input_ids, text_mask, videos, t, noise):
+        text = self.text_encoder(input_ids, text_mask)
+        tt = t.view(-1, 1, 1, 1, 1)
+        noisy = (1 - tt) * videos + tt * noise
+        velocity = self.transformer(noisy, t * 1000, text, text_mask).sample
+        return F.mse_loss(velocity.float(), (noise - videos).float())
+
+
+def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
+    if cfg.init_from:
+        root = Path(cfg.init_from)
+        return TextEncoder.from_pretrained(root / "text_encoder"), VideoDiT.from_pretrained(root / "transformer")
+    text_encoder = TextEncoder(vocab=vocabulary(), **cfg.text_encoder)
+    transformer_cfg = dict(text_dim=text_encoder.config.hidden_size, sample_frames=cfg.frames,
+                           sample_height=cfg.height, sample_width=cfg.width)
+    transformer_cfg.update(cfg.transformer)
+    return text_encoder, VideoDiT(**transformer_cfg)
+
+
+def sample_timesteps(batch: int, generator: torch.Generator, device) -> torch.Tensor:
+    # Logit-normal times concentrate training on the middle of the path, where the velocity is hardest to predict.
+    return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+    """Trains and returns the folder of the final EMA weights (text_encoder/ and transformer/ subfolders)."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None)
+    set_seed(cfg.seed + accelerator.process_index)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    text_encoder, transformer = build_models(cfg)
+    if cfg.compile:
+        # Fixed batch and padded captions keep one graph; a block that fails to compile runs eagerly instead.
+        torch._dynamo.config.suppress_errors = True
+        transformer.compile_repeated_blocks(fullgraph=True)
+    module = FlowMatchingModule(text_encoder, transformer)
+    ema = EMAModel(module.parameters(), decay=cfg.ema_decay)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    started = time.time()
+
+    def lr_factor(step: int) -> float:
+        # With a time budget the cosine decay follows whichever runs out first, steps or minutes.
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        progress = step / max(1, cfg.steps)
+        if cfg.max_minutes:
+            progress = max(progress, (time.time() - started) / (60 * cfg.max_minutes))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    module, optimizer, lr_schedule = accelerator.prepare(module, optimizer, lr_schedule)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+
+    start_step = 0
+    if resume:
+        accelerator.load_state(resume)
+        start_step = int(Path(resume).name.split("-")[-1])
+
+    world = VideoWorld(cfg.frames, cfg.height, cfg.width, split="train",
+                       two_object_prob=cfg.two_object_prob, device=accelerator.device)
+    generator = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index + start_step)
+    tokenizer = accelerator.unwrap_model(module).text_encoder
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+                    disable=not accelerator.is_local_main_process, desc="train")
+    step = start_step
+    for step in progress:
+        videos, captions, _ = world.sample(cfg.batch_size, generator)
+        drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids, mask = tokenizer.tokenize(captions, warn_unknown=False, pad_to_max_length=cfg.compile)
+        t = sample_timesteps(len(captions), generator, accelerator.device)
+        noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
+        with accelerator.autocast():
+            loss = module(ids.to(accelerator.device), mask.to(accelerator.device), videos, t, noise)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(module.parameters())
+
+        if step % cfg.log_every == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
+            if accelerator.is_main_process:
+                with open(out / "loss.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss.item(), "seconds": time.time() - started}) + "\n")
+        done = step + 1 == cfg.steps
+        out_of_time = cfg.max_minutes is not None and time.time() - started > 60 * cfg.max_minutes
+        if (step + 1) % cfg.save_every == 0 or done or out_of_time:
+            accelerator.save_state(str(out / f"checkpoint-{step + 1}"))
+        if out_of_time:
+            break
+
+    accelerator.wait_for_everyone()
+    final = out / "ema"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(module)
+        ema.store(unwrapped.parameters())
+        ema.copy_to(unwrapped.parameters())
+        unwrapped.text_encoder.save_pretrained(final / "text_encoder")
+        unwrapped.transformer.save_pretrained(final / "transformer")
+        ema.restore(unwrapped.parameters())
+        (out / "trained_steps.txt").write_text(f"{step + 1}\n")
+    return final
