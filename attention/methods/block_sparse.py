@@ -1,0 +1,120 @@
+"""What every block-sparse method shares: tiles, pooled block representatives, selection rules, the kernel call.
+
+A block-sparse method is a *selector* (which key blocks each query block reads, and optionally pooled entries that
+stand in for skipped blocks) in front of one shared kernel. Subclasses implement `select`; `__call__` moves the
+tokens into 3D tiles (so a block is a compact space-time cube), runs the kernel, and moves them back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attention.kernels import block_index_from_mask, block_sparse_attention
+from attention.layout import VideoLayout
+from attention.methods import SparseOptions
+
+
+@dataclass
+class Selection:
+    """block_mask: (B, H, NQB, NKB) bool. Pooled entries (optional): pooled_k/v (B, H, P, D), log-weight (B, H, NQB, P)."""
+
+    block_mask: torch.Tensor
+    pooled_k: torch.Tensor | None = None
+    pooled_v: torch.Tensor | None = None
+    pooled_log_weight: torch.Tensor | None = None
+
+
+def block_token_counts(num_tokens: int, block_size: int, device=None) -> torch.Tensor:
+    """Tokens in each block of a sequence (the last block may be partial)."""
+    starts = torch.arange(0, num_tokens, block_size, device=device)
+    return (num_tokens - starts).clamp(max=block_size)
+
+
+def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, ceil(N / block_size), D): the mean of each block's tokens, in float32."""
+    b, h, n, d = x.shape
+    num_blocks = -(-n // block_size)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, num_blocks * block_size - n))
+    sums = padded.view(b, h, num_blocks, block_size, d).sum(3)
+    return sums / block_token_counts(n, block_size, x.device).view(1, 1, -1, 1)
+
+
+def keep_top_fraction(scores: torch.Tensor, keep: float, always: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row (last dim), keeps the ceil(keep * n) highest scores; `always` marks blocks kept regardless."""
+    n = scores.shape[-1]
+    k = max(1, min(n, math.ceil(keep * n - 1e-9)))
+    idx = scores.topk(k, dim=-1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask if always is None else mask | always
+
+
+def keep_cumulative(probabilities: torch.Tensor, threshold: float, always: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, keeps the fewest highest-probability blocks whose sum reaches `threshold` (rows sum to 1)."""
+    sorted_p, order = probabilities.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the blocks ranked above each one
+    keep_sorted = before < threshold
+    keep_sorted[..., 0] = True
+    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return mask if always is None else mask | always
+
+
+def diagonal_blocks(num_q_blocks: int, num_k_blocks: int, device=None) -> torch.Tensor:
+    """(NQB, NKB) bool: each query block's own key block (self-attention keeps it: it is where a token's mass is)."""
+    return torch.eye(num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
+
+
+class BlockSparseMethod:
+    """Base class: subclasses implement `select(q, k, v, layout) -> Selection` on tiled (B, H, N, D) tensors."""
+
+    def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
+                 threshold: float | None = None):
+        if sparsity is not None and not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.block_size = int(block_size)
+        self.sparsity = sparsity
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        # Tallies stay on the device (no sync in the hot path); `density()` reads them.
+        self.kept_blocks = torch.zeros(())
+        self.total_blocks = torch.zeros(())
+
+    def density(self) -> float:
+        """Share of (query block, key block) pairs computed since the last reset."""
+        total = float(self.total_blocks)
+        return float(self.kept_blocks) / total if total else 1.0
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:
+        raise NotImplementedError
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
+        q, k, v = layout.to_tiles(q), layout.to_tiles(k), layout.to_tiles(v)
+        selection = self.select(q, k, v, layout)
+        mask = selection.block_mask
+        self.kept_blocks = self.kept_blocks.to(mask.device) + mask.sum()
+        self.total_blocks = self.total_blocks.to(mask.device) + mask.numel()
+        index, count = block_index_from_mask(mask)
+        out, _ = block_sparse_attention(
+            q, k, v, index, count, block_size=self.block_size, pooled_k=selection.pooled_k,
+            pooled_v=selection.pooled_v, pooled_log_weight=selection.pooled_log_weight,
+        )
+        return layout.from_tiles(out)
+
+
+def method_density(transformer) -> float | None:
+    """Mean density over the layers of the method applied to `transformer` (None if it keeps no tally)."""
+    from attention.apply import adapter_state
+
+    state = adapter_state(transformer)
+    if state is None:
+        return None
+    layers = [m.fn for m in state.layer_methods if isinstance(m.fn, BlockSparseMethod)]
+    kept = sum(float(m.kept_blocks) for m in layers)
+    total = sum(float(m.total_blocks) for m in layers)
+    return kept / total if total else None
