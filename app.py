@@ -63,6 +63,7 @@ def build_demo() -> gr.Blocks:
     pipe = get_pipeline(None)
     default_frames = pipe.default_video_shape[0]
     max_frames = pipe.transformer.config.max_frames
+    frame_step = pipe.transformer.config.patch_size[0]  # frame counts the model takes
     default_scale = pipe.guider.guidance_scale
     with gr.Blocks(title="t2v", analytics_enabled=False) as demo:
         gr.Markdown("# t2v: text to video\nThe embedded model draws simple shapes of named colours moving in "
@@ -74,7 +75,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="steps")
-                    frames = gr.Slider(1, max_frames, value=default_frames, step=1, label="Frames", elem_id="frames")
+                    frames = gr.Slider(frame_step, max_frames, value=default_frames, step=frame_step, label="Frames",
+                                       elem_id="frames")
                 method = gr.Dropdown([MODEL_ATTENTION, *attention.available_methods()], value=MODEL_ATTENTION,
                                      label="Attention method", elem_id="attention")
                 methods = available_guidance()

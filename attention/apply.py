@@ -28,6 +28,11 @@ class LayerMethod:
         if self._reset is not None:
             self._reset()
 
+    def prepare(self, layout, device) -> None:
+        prepare = getattr(self.fn, "prepare", None)
+        if callable(prepare):
+            prepare(layout, device)
+
 
 def _parameters(fn, skip: int, what: str) -> tuple[dict, bool]:
     """Keyword-usable parameters of `fn` after its first `skip` positional ones, and whether it takes **kwargs."""
@@ -92,7 +97,13 @@ def _dense_layer_set(dense_layers, num_layers: int) -> set[int]:
 
 
 def _pre_hook(family, state: AdapterState, module, args, kwargs):
-    state.set_layout(family.layout(module, args, kwargs, state.block_size))
+    layout = family.layout(module, args, kwargs, state.block_size)
+    if layout is not None and layout != state.layout:
+        # Methods build what depends only on the layout here, outside any compiled block.
+        device = family.device(args, kwargs)
+        for layer_method in state.layer_methods:
+            layer_method.prepare(layout, device)
+    state.set_layout(layout)
     state.observe_timestep(family.timestep(args, kwargs))
     return None
 

@@ -74,10 +74,7 @@ class TextToVideoPipeline(DiffusionPipeline):
 
     def encode_prompt(self, prompts: list[str], num_videos_per_prompt: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings (B * num_videos_per_prompt, L, D) and their mask."""
-        # Padding to the encoder's full length makes a prompt's video independent of the other prompts in the batch.
-        ids, mask = self.text_encoder.tokenize(prompts, pad_to_max_length=True)
-        ids, mask = ids.to(device), mask.to(device)
-        embeds = self.text_encoder(ids, mask)
+        embeds, mask = self.text_encoder.encode(prompts, device=device)
         embeds = embeds.to(self.transformer.dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         return embeds, mask.repeat_interleave(num_videos_per_prompt, dim=0)
 
@@ -107,7 +104,6 @@ class TextToVideoPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         device = self._execution_device
-        guider = self.guider if guidance_scale is None else self.guider.new(guidance_scale=guidance_scale)
         extra_guidance = resolve_guidance(self.default_guidance if guidance is None else guidance)
 
         prompt_embeds, prompt_mask = self.encode_prompt(prompts, num_videos_per_prompt, device)
@@ -127,6 +123,8 @@ class TextToVideoPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         for g in extra_guidance:
             g.begin(self, num_inference_steps)
+        # After `begin`, so that a guidance object may set the guider ("cfg"); the call's own scale still wins.
+        guider = self.guider if guidance_scale is None else self.guider.new(guidance_scale=guidance_scale)
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):

@@ -19,11 +19,11 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit code 2."""
 
 
-def parse_option(text: str) -> tuple[str, object]:
+def parse_option(text: str, flag: str = "--attention-option") -> tuple[str, object]:
     """'key=value' with the value read as a Python literal where it is one (2, 0.5, True, [0, 1]), else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise UsageError(f"--attention-option must look like key=value, got {text!r}")
+        raise UsageError(f"{flag} must look like key=value, got {text!r}")
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="option of the attention method, repeatable (e.g. dense_warmup_steps=2)")
     gen.add_argument("--guidance", action="append", default=[], metavar="NAME",
                      help="extra guidance method, repeatable (see `t2v list`)")
+    gen.add_argument("--guidance-option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                     help="option of a guidance method, repeatable (e.g. fourier-motion.strength=1.0); "
+                          "NAME may be left out when one --guidance is given")
     gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     gen.add_argument("--fps", type=int, default=8)
 
@@ -92,7 +95,17 @@ def cmd_generate(args) -> None:
     options = dict(parse_option(text) for text in args.attention_option)
     if args.attention is not None:
         attention.get_method(args.attention)
-    guidance = [get_guidance(name) for name in args.guidance]
+    guidance_options = {name: {} for name in args.guidance}
+    for text in args.guidance_option:
+        key, value = parse_option(text, "--guidance-option")
+        name, _, key = key.rpartition(".")
+        if not name and len(guidance_options) != 1:
+            raise UsageError(f"--guidance-option {text!r}: say which guidance it is for, as NAME.{key}=...")
+        name = name or next(iter(guidance_options))
+        if name not in guidance_options:
+            raise UsageError(f"--guidance-option {text!r} is for {name!r}, which no --guidance names")
+        guidance_options[name][key] = value
+    guidance = [get_guidance(name, **guidance_options[name]) for name in args.guidance]
     output = check_output_path(args.output)
 
     start = time.perf_counter()

@@ -56,7 +56,7 @@ def test_text_encoder_warns_on_unknown_words_and_goes_on():
     encoder = TextEncoder(vocab=vocabulary(), **TINY_TEXT)
     with pytest.warns(UserWarning, match="blorp"):
         ids, mask = encoder.tokenize("a red blorp moves right")
-    assert ids.shape == (1, 6) and mask.all()
+    assert ids.shape == (1, encoder.config.max_length) and mask.sum() == 6 and mask[0, :6].all()
     assert ids[0, 3].item() == encoder.token_ids["<unk>"]
 
 

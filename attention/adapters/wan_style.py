@@ -98,6 +98,10 @@ class WanStyleFamily:
         layout.tile_permutation(latents.device)
         return layout
 
+    def device(self, args, kwargs) -> torch.device:
+        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return latents.device
+
     def timestep(self, args, kwargs):
         return kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
 

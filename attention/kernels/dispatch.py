@@ -41,7 +41,7 @@ def triton_usable(q, block_size=64):
 
 def _warn_fallback(q):
     global _warned
-    if not _warned:
+    if not _warned and not torch.compiler.is_compiling():  # a warning would break a compiled graph
         _warned = True
         warnings.warn(
             f"block-sparse attention: no Triton kernel for device={q.device.type}, "

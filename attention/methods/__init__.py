@@ -27,6 +27,9 @@ from typing import Callable
 # name -> "module:attribute", imported on first use so that a method's dependencies (Triton) load only when needed.
 _BUILTIN = {
     "dense": "attention.methods.dense:dense_attention_method",
+    "rectified": "attention.methods.rectified:RectifiedSparseAttention",
+    "xattention": "attention.methods.xattention:XAttention",
+    "vmoba": "attention.methods.vmoba:VMoBAMethod",
 }
 
 _REGISTRY: dict[str, object] = dict(_BUILTIN)

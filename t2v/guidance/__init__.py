@@ -1,11 +1,13 @@
 """Training-free guidance methods and their registry.
 
 Classifier-free guidance is always on: it is diffusers' ``ClassifierFreeGuidance``, the pipeline's ``guider``,
-and its strength is the call's ``guidance_scale``. The methods registered here come on top of it: each is a
-``Guidance`` subclass (see ``base``), passed to a pipeline as ``guidance=[...]`` by name or as an object.
+and its strength is the call's ``guidance_scale`` (or the "cfg" entry's ``scale``). The methods registered here
+come on top of it: each is a ``Guidance`` subclass (see ``base``), passed to a pipeline as ``guidance=[...]`` by
+name or as an object. Built in: "cfg", "temporal-self-guidance" and "fourier-motion" (BroadWay, on DiTs; see
+``temporal_maps``).
 
     from t2v.guidance import available_guidance, get_guidance
-    pipe(prompt, guidance=[get_guidance("some-method", strength=0.5)])
+    pipe(prompt, guidance=[get_guidance("temporal-self-guidance", strength=0.5), "fourier-motion"])
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ def resolve_guidance(items) -> list[Guidance]:
             raise TypeError(f"guidance must be a registered name or a Guidance object, got {item!r}")
     return resolved
 
+
+def _register_builtins() -> None:
+    from t2v.guidance.cfg import ClassifierFreeGuidanceScale
+    from t2v.guidance.fourier_motion import FourierMotionEnhancement
+    from t2v.guidance.temporal_self_guidance import TemporalSelfGuidance
+
+    for cls in (ClassifierFreeGuidanceScale, TemporalSelfGuidance, FourierMotionEnhancement):
+        register_guidance(cls.name, cls)
+
+
+_register_builtins()
 
 __all__ = ["Guidance", "available_guidance", "get_guidance", "register_guidance", "resolve_guidance",
            "unregister_guidance"]

@@ -43,9 +43,13 @@ class TextEncoder(ModelMixin, ConfigMixin):
         self.final_norm = nn.LayerNorm(hidden_size)
 
     def tokenize(
-        self, prompts: str | list[str], warn_unknown: bool = True, pad_to_max_length: bool = False
+        self, prompts: str | list[str], warn_unknown: bool = True, pad_to_max_length: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Word ids (B, L) with a leading <cls> and padding, and the boolean mask of real tokens."""
+        """Word ids (B, L) with a leading <cls> and padding, and the boolean mask of real tokens.
+
+        Padding goes to the full `max_length` by default, as in training: the transformer's cross-attention also
+        attends to (zeroed) padding tokens, so their number must not change between training and generation.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         max_words = self.config.max_length - 1

@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
 
     text_encoder, transformer = build_models(cfg)
     if cfg.compile:
-        # Fixed batch and padded captions keep one graph; a block that fails to compile runs eagerly instead.
+        # Fixed batch and fixed-length captions keep one graph; a block that fails to compile runs eagerly instead.
         torch._dynamo.config.suppress_errors = True
         transformer.compile_repeated_blocks(fullgraph=True)
     module = FlowMatchingModule(text_encoder, transformer)
@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         videos, captions, _ = world.sample(cfg.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        ids, mask = tokenizer.tokenize(captions, warn_unknown=False, pad_to_max_length=cfg.compile)
+        ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
         t = sample_timesteps(len(captions), generator, accelerator.device)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
         with accelerator.autocast():

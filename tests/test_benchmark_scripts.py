@@ -1,0 +1,130 @@
+"""scripts/benchmark.py (model and methods subcommands) and scripts/sweep_quality.py at toy sizes on the CPU."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import attention
+from attention.methods.block_sparse import BlockSparseMethod, Selection, keep_top_fraction, mean_pool_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = "toy-top-blocks"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_script("benchmark")
+sweep = load_script("sweep_quality")
+
+
+class TopBlocks(BlockSparseMethod):
+    """Keeps the key blocks with the highest pooled score: exactly (1 - sparsity) of them per query block."""
+
+    def __init__(self, block_size: int = 16, sparsity: float | None = None):
+        super().__init__(block_size=block_size, sparsity=0.5 if sparsity is None else sparsity)
+
+    def select(self, q, k, v, layout):
+        scores = mean_pool_blocks(q, self.block_size) @ mean_pool_blocks(k, self.block_size).transpose(-1, -2)
+        return Selection(keep_top_fraction(scores, 1 - self.sparsity))
+
+
+@pytest.fixture
+def toy_method():
+    attention.register_method(TOY, TopBlocks, overwrite=True)
+    yield TOY
+    attention.unregister_method(TOY)
+
+
+def test_method_specs_parse():
+    parse = benchmark.parse_method_spec
+    assert parse("rectified:sparsity=0.85,rectify=false") == ("rectified", {"sparsity": 0.85, "rectify": False})
+    assert parse("vmoba:threshold=0.25") == ("vmoba", {"threshold": 0.25})
+    assert parse("dense") == ("dense", {})
+    assert parse("x:dense_layers=[0, -1],threshold=0.5,mode=fast,cap=None") == (
+        "x", {"dense_layers": [0, -1], "threshold": 0.5, "mode": "fast", "cap": None})
+    args = benchmark.build_parser().parse_args(
+        ["model", "--tiny", "--methods", "dense", "rectified:sparsity=0.85,rectify=false"])
+    assert args.methods == [("dense", {}), ("rectified", {"sparsity": 0.85, "rectify": False})]
+    assert benchmark.build_parser().parse_args(["methods"]).methods == [("all", {})]
+    with pytest.raises(SystemExit):
+        benchmark.build_parser().parse_args(["model", "--methods", "vmoba:threshold"])
+
+
+def test_model_subcommand_on_a_tiny_wan(toy_method, tmp_path, capsys):
+    out = tmp_path / "model.json"
+    benchmark.main(["model", "--tiny", "--runs", "1", "--warmup", "0", "--json", str(out),
+                    "--methods", "dense", f"{toy_method}:sparsity=0.5", "no-such-method"])
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense (model, cuDNN)", "no self-attention", "dense", f"{toy_method}:sparsity=0.5",
+                          "no-such-method"]
+    assert rows["dense (model, cuDNN)"]["speedup"] == 1.0 and rows["dense"]["density"] == 1.0
+    assert rows["no self-attention"]["density"] == 0.0 and rows["no self-attention"]["ms"] > 0
+    assert rows[f"{toy_method}:sparsity=0.5"]["density"] == pytest.approx(0.5)  # 96 tokens, 6 blocks of 16
+    assert rows["no-such-method"]["ms"] is None and "unknown" in rows["no-such-method"]["note"]
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "no-such-method" in printed
+
+
+def test_methods_subcommand_on_a_tiny_grid(toy_method, tmp_path):
+    out = tmp_path / "methods.json"
+    benchmark.main(["methods", "--tiny", "--runs", "1", "--warmup", "0", "--json", str(out),
+                    "--methods", f"{toy_method}:sparsity=0.75", "dense"])
+    data = json.loads(out.read_text())
+    toy, dense = data["rows"]
+    assert toy["density"] == pytest.approx(0.25) and toy["layer"] == 0
+    for key in ("select_ms", "kernel_ms", "total_ms", "select_pct", "ideal_ms"):
+        assert toy[key] is not None and toy[key] >= 0, key
+    # Total and kernel are timed separately, so with one noisy CPU run their difference may come out negative.
+    assert toy["overhead_pct"] is not None and abs(toy["overhead_pct"]) < 1e4
+    assert toy["flex_ms"] is None  # Flex only on a GPU
+    assert "not a block-sparse" in dense["note"] and data["dense_ms"] > 0
+
+
+def test_local_inputs_favour_nearby_keys():
+    import torch
+
+    q, k, _ = benchmark.local_qkv((4, 6, 8), 2, 32, torch.device("cpu"), torch.float32)
+    scores = (q[0, :, :1] @ k[0].transpose(-1, -2)).squeeze(1)  # the first token against all
+    assert (scores[:, 1] > scores[:, -1]).all()  # its neighbour beats the far corner in every head
+
+
+def test_sweep_dense_against_dense_and_a_method(toy_method, tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    sweep.main(["--method", "dense", toy_method, "--prompts", "2", "--seeds", "1", "--steps", "2", "--frames", "4",
+                "--batch-size", "2", "--device", "cpu", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["prompts"] == 2 and data["steps"] == 2
+    reference, dense, toy = data["rows"]
+    for row in (reference, dense, toy):
+        for key in ("density", "sparsity", "all", "delta_all", "attributes", "delta", "psnr_mean", "psnr_min",
+                    "seconds", "n_clips"):
+            assert key in row, key
+        assert row["n_clips"] == 2
+    assert dense["density"] == 1.0 and dense["psnr_min"] > 60  # the same attention as the model's own
+    assert toy["density"] == pytest.approx(0.5) and toy["sparsity"] == pytest.approx(0.5)
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_sweep_settings_and_effective_density():
+    args = sweep.build_parser().parse_args(["--method", "rectified", "--settings", "sparsity=0.75",
+                                            "sparsity=0.85,rectify=false", "--dense-warmup-steps", "2",
+                                            "--dense-layers", "0", "-1"])
+    assert sweep.jobs(args) == [
+        ("rectified", {"sparsity": 0.75, "dense_warmup_steps": 2, "dense_layers": (0, -1)}),
+        ("rectified", {"sparsity": 0.85, "rectify": False, "dense_warmup_steps": 2, "dense_layers": (0, -1)}),
+    ]
+    options = {"dense_warmup_steps": 5, "dense_layers": (0, -1)}
+    assert sweep.effective_density(0.2, options, 20, 8) == pytest.approx(0.75 * 0.75 * 0.2 + 1 - 0.75 * 0.75)
+
+
+def test_gpu_record_script_parses():
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_record.sh")]).returncode == 0
