@@ -7,6 +7,7 @@ the guider combines the predictions. Extra guidance objects (``guidance=[...]``)
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -121,12 +122,14 @@ class TextToVideoPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        for g in extra_guidance:
-            g.begin(self, num_inference_steps)
-        # After `begin`, so that a guidance object may set the guider ("cfg"); the call's own scale still wins.
-        guider = self.guider if guidance_scale is None else self.guider.new(guidance_scale=guidance_scale)
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        # Guidance that hooks into the model is undone even when a step fails or the call is interrupted.
+        with ExitStack() as active_guidance, self.progress_bar(total=len(timesteps)) as progress_bar:
+            for g in extra_guidance:
+                g.begin(self, num_inference_steps)
+                active_guidance.callback(g.end, self)
+            # After `begin`, so that a guidance object may set the guider ("cfg"); the call's own scale still wins.
+            guider = self.guider if guidance_scale is None else self.guider.new(guidance_scale=guidance_scale)
             for i, t in enumerate(timesteps):
                 guider.set_state(step=i, num_inference_steps=num_inference_steps, timestep=t)
                 guider_inputs = {
@@ -162,8 +165,6 @@ class TextToVideoPipeline(DiffusionPipeline):
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
 
-        for g in extra_guidance:
-            g.end(self)
         self.maybe_free_model_hooks()
 
         if output_type == "latent":

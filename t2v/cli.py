@@ -1,6 +1,6 @@
 """The ``t2v`` command.
 
-    t2v generate "a red circle moves to the right on black" -o red_circle.mp4 --seed 0 --steps 25
+    t2v generate "a red circle moves to the right" -o red_circle.mp4 --seed 0 --steps 25
     t2v list
 
 The pipelines package sits above this one, so it is imported inside the commands, never at import time.

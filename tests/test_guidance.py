@@ -1,5 +1,6 @@
 """BroadWay guidance on DiTs (temporal self-guidance, Fourier motion enhancement), the cfg entry, and the registry."""
 
+import json
 import math
 
 import imageio.v3 as iio
@@ -14,7 +15,7 @@ from pipelines import TextToVideoPipeline
 from t2v.cli import main
 from t2v.data import vocabulary
 from t2v.guidance import available_guidance, get_guidance
-from t2v.guidance.fourier_motion import map_energy
+from t2v.guidance.fourier_motion import high_pass, map_energy
 from t2v.guidance.temporal_maps import (attention_with_frame_mass, frame_attention, frame_bias, frame_mass,
                                         frame_to_frame_map)
 from t2v.models import TextEncoder, VideoDiT
@@ -98,6 +99,11 @@ def test_edited_attention_is_the_log_bias_and_hits_the_target():
 def test_fourier_edit_raises_energy_and_makes_up_for_self_guidance():
     torch.manual_seed(2)
     mass = torch.softmax(0.3 * torch.randn(2, 2, 8, 8), dim=-1)  # mild, as the models' maps are: nothing clipped
+    torch.testing.assert_close(high_pass(8, 1), torch.eye(8) - 1 / 8)  # everything but the mean
+    rows = torch.randn(5, 8)
+    spectrum = torch.fft.rfft(rows, dim=-1)
+    spectrum[..., :3] = 0
+    torch.testing.assert_close(rows @ high_pass(8, 3), torch.fft.irfft(spectrum, n=8, dim=-1))
     fme = get_guidance("fourier-motion", strength=0.5)
     boosted = fme.edit(1, mass, mass, {})
     assert (map_energy(boosted) > map_energy(mass)).all()
@@ -166,8 +172,10 @@ def test_bad_settings_are_errors(pipe):
     assert {"cfg", "fourier-motion", "temporal-self-guidance"} <= set(available_guidance())
     with pytest.raises(ValueError, match=r"layers \[0, 1\] do not come after the reference layer 1"):
         run(pipe, [get_guidance("temporal-self-guidance", layers=[0, 1, 2])])
-    with pytest.raises(ValueError, match="out of range"):
-        run(pipe, [get_guidance("fourier-motion", layers=[5])])
+    processors = [block.attn1.processor for block in pipe.transformer.blocks]
+    with pytest.raises(ValueError, match="out of range"):  # the first one was installed, and is undone
+        run(pipe, [get_guidance("temporal-self-guidance"), get_guidance("fourier-motion", layers=[5])])
+    assert [block.attn1.processor for block in pipe.transformer.blocks] == processors
     with pytest.raises(ValueError, match="strength"):
         get_guidance("temporal-self-guidance", strength=1.5)
 
@@ -183,3 +191,35 @@ def test_cli_guidance_with_options(tmp_path, capsys):
                  "--guidance-option", "cfg.scale=2"])
     assert code == 2 and "which no --guidance names" in capsys.readouterr().err
 
+
+
+def test_failed_call_leaves_the_model_as_it_was(pipe):
+    processors, guider = [block.attn1.processor for block in pipe.transformer.blocks], pipe.guider
+
+    def stop(*args):
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(pipe, [get_guidance("cfg", scale=2.0), get_guidance("temporal-self-guidance", steps=1.0)],
+            callback_on_step_end=stop)
+    assert [block.attn1.processor for block in pipe.transformer.blocks] == processors and pipe.guider is guider
+    assert not hasattr(pipe.transformer, "_temporal_map_controller")
+
+
+def test_guidance_eval_script_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "guidance_eval.py"
+    spec = importlib.util.spec_from_file_location("guidance_eval_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "eval.json"
+    script.main(["--prompts", "1", "--seeds", "1", "--steps", "1", "--device", "cpu", "--settings", "none,tsg+fme",
+                 "--option", "fourier-motion.split=2", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"none", "tsg+fme"} and record["options"] == {"fourier-motion": {"split": 2}}
+    both = record["results"]["tsg+fme"]
+    assert both["guidance"]["fourier-motion"]["split"] == 2 and both["clips"] == 1
+    assert {"flicker", "motion_px", "accuracy", "seconds_per_clip", "overhead"} <= set(both)
+    assert "tsg+fme" in capsys.readouterr().out

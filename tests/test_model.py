@@ -4,23 +4,15 @@ import torch
 from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training import TrainConfig, train
+from tiny_models import randomised
 
 TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=48, text_dim=16, freq_dim=16,
                 max_frames=8, max_height=16, max_width=16, sample_frames=4, sample_height=16, sample_width=16)
 TINY_TEXT = dict(hidden_size=16, num_layers=1, num_heads=2)
 
 
-def _randomised(model):
-    # The model starts from identity (zero gates, zero output); random weights make the comparisons meaningful.
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
-
-
 def test_video_dit_output_shape_and_dependence_on_text():
-    model = _randomised(VideoDiT(**TINY_DIT)).eval()
+    model = randomised(VideoDiT(**TINY_DIT)).eval()
     x = torch.randn(2, 3, 4, 16, 16)
     text = torch.randn(2, 5, 16)
     out = model(x, torch.tensor([10.0, 900.0]), text).sample
@@ -37,8 +29,8 @@ def test_video_dit_rejects_shapes_it_cannot_take(frames, height, width):
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
-    model = _randomised(VideoDiT(**TINY_DIT)).eval()
-    encoder = _randomised(TextEncoder(vocab=vocabulary(), **TINY_TEXT)).eval()
+    model = randomised(VideoDiT(**TINY_DIT)).eval()
+    encoder = randomised(TextEncoder(vocab=vocabulary(), **TINY_TEXT)).eval()
     model.save_pretrained(tmp_path / "transformer")
     encoder.save_pretrained(tmp_path / "text_encoder")
     model2 = VideoDiT.from_pretrained(tmp_path / "transformer").eval()

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
 
 import attention
 from attention.kernels import block_index_from_mask, block_sparse_attention
@@ -14,7 +13,7 @@ from attention.methods.block_sparse import (
 from attention.methods.rectified import (
     RectifiedSparseAttention, pooled_attention, pooling_gain_mask, rectify,
 )
-from t2v.models import VideoDiT
+from tiny_models import tiny_models
 
 
 def _rel(a, b):
@@ -189,29 +188,10 @@ def test_options_are_checked():
     assert RectifiedSparseAttention().sparsity == 0.75
 
 
-def _randomised(model):
-    # VideoDiT starts as the identity (zero gates, zero output): random weights make attention matter.
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.eval()
-
-
-def _tiny_models():
-    dit = VideoDiT(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_attention_heads=2,
-                   attention_head_dim=12, num_layers=2, ffn_dim=32, text_dim=16, freq_dim=16, max_frames=4,
-                   max_height=8, max_width=8)
-    wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                                text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, patch_size=(1, 2, 2),
-                                rope_max_seq_len=32)
-    return {"video-dit": _randomised(dit), "wan": _randomised(wan)}
-
-
 @pytest.mark.parametrize("family", ["video-dit", "wan"])
 @pytest.mark.parametrize("rectify_", [True, False])
 def test_apply_runs_on_the_adapters(family, rectify_):
-    model = _tiny_models()[family]
+    model = tiny_models()[family]
     torch.manual_seed(1)
     latents, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)  # grid (3, 4, 4): 48 tokens
 

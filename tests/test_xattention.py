@@ -1,14 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
 
 import attention
 from attention.layout import VideoLayout
 from attention.methods import xattention
 from attention.methods.block_sparse import method_density
 from attention.methods.xattention import XAttention, antidiagonal_block_scores, antidiagonal_logits
-from t2v.models import VideoDiT
+from tiny_models import tiny_models
 
 
 def _strided_antidiagonal(logits, stride):
@@ -113,26 +112,9 @@ def test_options_are_checked():
     assert (method.threshold, method.stride) == (0.9, 8)
 
 
-def _randomised(model):
-    # VideoDiT starts as the identity (zero gates, zero output): random weights make attention matter.
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.eval()
-
-
 @pytest.mark.parametrize("family", ["video-dit", "wan"])
 def test_apply_runs_on_the_adapters(family):
-    if family == "wan":
-        model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                                      text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, patch_size=(1, 2, 2),
-                                      rope_max_seq_len=32)
-    else:
-        model = VideoDiT(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_attention_heads=2,
-                         attention_head_dim=12, num_layers=2, ffn_dim=32, text_dim=16, freq_dim=16, max_frames=4,
-                         max_height=8, max_width=8)
-    model = _randomised(model)
+    model = tiny_models()[family]
     torch.manual_seed(1)
     latents, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)  # grid (3, 4, 4): 48 tokens, 3 blocks
 

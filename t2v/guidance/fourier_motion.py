@@ -6,28 +6,28 @@ differ. So each row (one query's weights over the key frames) is split by a Four
 and its high-frequency components are scaled by beta > 1, which raises the energy while the row's sum, the DC
 component, stays 1. When temporal self-guidance acted first and lowered the energy, beta is raised to at least
 the value that restores the energy the layer had before any edit: beta_c = sqrt((E_before - E_low) / E_high).
+The band split is linear, so it is applied as one small real matrix (the inverse transform of the masked
+spectrum of each unit row) rather than a complex transform of every row.
 Here the rows are the frame masses of each query token of a DiT layer (see `temporal_maps`); energies are
 per clip (so a clip does not depend on what else is in its batch), averaged over heads and tokens.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from t2v.guidance.temporal_maps import TemporalMapGuidance
 
 
-def _band_power(maps: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spectrum of the rows of `maps` (B, H, N, frames) and per-clip (low, high) energies (B,), split at `split`."""
-    frames = maps.shape[-1]
-    spectrum = torch.fft.rfft(maps, dim=-1)
-    freq = torch.arange(spectrum.shape[-1], device=maps.device)
-    # Parseval over the half spectrum: bins with a mirror image (not 0, not frames/2) count twice.
-    mirrored = (freq > 0) & (2 * freq != frames)
-    power = spectrum.abs() ** 2 * torch.where(mirrored, 2.0, 1.0) / frames
-    high = freq >= split
-    per_clip = lambda p: p.sum(-1).mean((1, 2))  # noqa: E731
-    return spectrum, per_clip(power[..., ~high]), per_clip(power[..., high])
+@functools.lru_cache(maxsize=32)
+def high_pass(frames: int, split: int, device: str = "cpu") -> torch.Tensor:
+    """(frames, frames) real matrix P with `rows @ P` the part of each row made of frequencies >= `split`
+    (cycles per clip): an orthogonal projection, so the energy splits as |rows @ P|^2 + |rows - rows @ P|^2."""
+    spectrum = torch.fft.rfft(torch.eye(frames, dtype=torch.float64), dim=-1)
+    keep = torch.arange(spectrum.shape[-1]) >= split
+    return torch.fft.irfft(spectrum * keep, n=frames, dim=-1).float().to(device)
 
 
 def map_energy(maps: torch.Tensor) -> torch.Tensor:
@@ -57,12 +57,11 @@ class FourierMotionEnhancement(TemporalMapGuidance):
         frames = target.shape[-1]
         if self.split > frames // 2:
             return target  # no frequency that high along this many frames
-        spectrum, low, high = _band_power(target, self.split)
-        compensate = ((map_energy(original) - low).clamp(min=0) / high.clamp(min=1e-12)).sqrt()
+        high = target @ high_pass(frames, self.split, str(target.device))
+        high_energy, low_energy = map_energy(high), map_energy(target - high)
+        compensate = ((map_energy(original) - low_energy).clamp(min=0) / high_energy.clamp(min=1e-20)).sqrt()
         beta = torch.clamp(compensate, min=1.0 + self.strength).view(-1, 1, 1, 1)
-        freq = torch.arange(spectrum.shape[-1], device=target.device)
-        spectrum = torch.where(freq >= self.split, spectrum * beta, spectrum)
-        rows = torch.fft.irfft(spectrum, n=frames, dim=-1)
+        rows = target + (beta - 1) * high
         # A large beta can push small weights below 0; masses must stay a distribution for the edit to be exact.
         rows = rows.clamp(min=0)
         return rows / rows.sum(-1, keepdim=True).clamp(min=1e-12)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from attention.adapters import find_family
 from attention.adapters.wan_style import _apply_rotary
-from attention.kernels import dense_attention
+from attention.kernels import dense_attention, triton_usable
 from t2v.guidance.base import Guidance
 
 _CONTROLLER_ATTR = "_temporal_map_controller"
@@ -75,7 +75,7 @@ def frame_attention(q, k, v, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     The key frames act as extra heads (queries repeated, keys and values only regrouped), so the cost is that of
     one full attention and no (tokens x tokens) matrix is stored. Each frame's log-sum-exp of logits gives the
-    masses exactly: M[i, g] = softmax over g of lse[i, g].
+    masses exactly: M[i, g] = softmax over g of lse[i, g] (where no fast kernel returns it: `frame_mass`).
     """
     b, h, n, d = q.shape
     if n % frames:
@@ -83,7 +83,14 @@ def frame_attention(q, k, v, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     per_frame = n // frames
     q_rep = q.unsqueeze(2).expand(b, h, frames, n, d).reshape(b, h * frames, n, d)
     k_rep, v_rep = k.reshape(b, h * frames, per_frame, d), v.reshape(b, h * frames, per_frame, -1)
-    within, lse = dense_attention(q_rep, k_rep, v_rep)
+    if triton_usable(q_rep, 128):
+        within, lse = dense_attention(q_rep, k_rep, v_rep)
+    elif q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        # The kernel behind SDPA on CPU, which also returns the log-sum-exp.
+        within, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_rep, k_rep, v_rep)
+    else:  # no fast kernel gives the log-sum-exp here: two SDPA calls beat the plain reference
+        within = F.scaled_dot_product_attention(q_rep, k_rep, v_rep)
+        return within.view(b, h, frames, n, -1), frame_mass(q, k, frames)
     mass = torch.softmax(lse.float().view(b, h, frames, n), dim=2).transpose(2, 3)
     return within.view(b, h, frames, n, -1), mass
 
@@ -174,8 +181,10 @@ class TemporalMapGuidance(Guidance):
     def begin(self, pipeline, num_inference_steps: int) -> None:
         if self.strength == 0:
             return
-        self._controller = _Controller.attach(pipeline.transformer)
-        self.resolve(len(self._controller.modules), num_inference_steps)
+        transformer = pipeline.transformer
+        # Settings are checked before anything is installed, so a mistake leaves the model as it was.
+        self.resolve(len(find_family(transformer).self_attention_modules(transformer)), num_inference_steps)
+        self._controller = _Controller.attach(transformer)
         self._controller.add(self)
 
     def before_model(self, pipeline, step: int, timestep) -> None:
@@ -198,6 +207,7 @@ class _Controller:
         self.guidance: list[TemporalMapGuidance] = []
         self.step: int | None = None
         self.frames: int | None = None
+        self.tokens: int | None = None
         self.acting: list[TemporalMapGuidance] = []
         self.maps: dict[int, torch.Tensor] = {}
         self.wrappers = []
@@ -234,7 +244,8 @@ class _Controller:
 
     def _pre_forward(self, family, module, args, kwargs):
         layout = family.layout(module, args, kwargs, 64)
-        self.frames = layout.grid[0] if layout is not None and layout.is_video_only else None
+        video = layout is not None and layout.is_video_only
+        self.frames, self.tokens = (layout.grid[0], layout.num_video_tokens) if video else (None, None)
         self.maps = {}  # reference maps belong to one transformer call (conditional and unconditional apart)
         self.acting = sorted((g for g in self.guidance if self.step in g.acting_steps), key=lambda g: g.order)
         return None
@@ -256,7 +267,7 @@ class _GuidedProcessor:
         if (editors or recorders) and _runs_sparse(self.inner):
             editors = [g for g in editors if g.sparse_calls == "dense"]
             recorders = [g for g in recorders if g.sparse_calls == "dense"]
-        if not (editors or recorders) or not plain or c.frames is None or hidden_states.shape[1] % c.frames:
+        if not (editors or recorders) or not plain or c.frames is None or hidden_states.shape[1] != c.tokens:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
         q, k, v = project_qkv(attn, hidden_states, rotary_emb)

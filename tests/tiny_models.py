@@ -1,0 +1,26 @@
+"""Tiny randomly initialised models the tests share."""
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from t2v.models import VideoDiT
+
+
+def randomised(model):
+    # VideoDiT starts as the identity (zero gates, zero output): random weights make attention and comparisons matter.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def tiny_models() -> dict:
+    """A VideoDiT and a WanTransformer3DModel of the same tiny shape: 4 channels, patch (1, 2, 2), 2 heads of 12."""
+    dit = VideoDiT(in_channels=4, out_channels=4, patch_size=(1, 2, 2), num_attention_heads=2,
+                   attention_head_dim=12, num_layers=2, ffn_dim=32, text_dim=16, freq_dim=16, max_frames=4,
+                   max_height=8, max_width=8)
+    wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                                text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, patch_size=(1, 2, 2),
+                                rope_max_seq_len=32)
+    return {"video-dit": randomised(dit), "wan": randomised(wan)}
