@@ -20,26 +20,43 @@ import torch
 
 import attention
 from pipelines import export_video, load_pipeline
-from t2v.guidance import available_guidance
+from t2v.cli import parse_option
+from t2v.guidance import get_guidance
 
 MODEL_ATTENTION = "model's own"  # the dropdown entry that installs no attention method
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "t2v-demo"
+# Guidance methods with a strength slider: (label, slider maximum, default). CFG is the guidance-scale slider.
+GUIDANCE_SLIDERS = {
+    "temporal-self-guidance": ("Temporal self-guidance strength", 1.0, 0.6),
+    "fourier-motion": ("Fourier motion enhancement strength", 4.0, 0.5),
+}
+
+
+
+def parse_attention_options(text: str) -> tuple:
+    """'threshold=0.25, block_size=64' -> (("block_size", 64), ("threshold", 0.25)), hashable for the cache."""
+    items = [part.strip() for part in (text or "").split(",") if part.strip()]
+    return tuple(sorted(parse_option(item, "an attention option") for item in items))
 
 
 @functools.lru_cache(maxsize=4)
-def get_pipeline(method: str | None):
+def get_pipeline(method: str | None, options: tuple = ()):
     """One pipeline per attention setting, loaded on first use and kept."""
-    pipe = load_pipeline(attention=method)
+    pipe = load_pipeline(attention=method, **dict(options))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def generate(prompt, seed, steps, frames, method, guidance, guidance_scale, progress=gr.Progress()):
+def generate(prompt, seed, steps, frames, method, method_options, guidance, guidance_scale, *strengths,
+             progress=gr.Progress()):
     if not prompt or not prompt.strip():
         raise gr.Error("Please type a prompt.")
     steps, frames = int(steps), int(frames)
     try:
-        pipe = get_pipeline(None if method == MODEL_ATTENTION else method)
+        options = parse_attention_options(method_options)
+        pipe = get_pipeline(None if method == MODEL_ATTENTION else method, options)
+        strength_of = dict(zip(GUIDANCE_SLIDERS, strengths))
+        chosen = [get_guidance(name, strength=float(strength_of[name])) for name in guidance or []]
 
         def on_step(pipeline, step, timestep, callback_kwargs):
             progress((step + 1, steps), desc="denoising")
@@ -48,7 +65,7 @@ def generate(prompt, seed, steps, frames, method, guidance, guidance_scale, prog
         start = time.perf_counter()
         video = pipe(
             prompt, num_frames=frames, num_inference_steps=steps, guidance_scale=float(guidance_scale),
-            guidance=list(guidance or []), generator=torch.Generator(device="cpu").manual_seed(int(seed)),
+            guidance=chosen, generator=torch.Generator(device="cpu").manual_seed(int(seed)),
             callback_on_step_end=on_step,
         ).frames[0]
         seconds = time.perf_counter() - start
@@ -79,15 +96,19 @@ def build_demo() -> gr.Blocks:
                                        elem_id="frames")
                 method = gr.Dropdown([MODEL_ATTENTION, *attention.available_methods()], value=MODEL_ATTENTION,
                                      label="Attention method", elem_id="attention")
-                methods = available_guidance()
-                guidance = gr.CheckboxGroup(methods, label="Guidance", visible=bool(methods), elem_id="guidance")
+                method_options = gr.Textbox(label="Attention options", placeholder="threshold=0.25, block_size=64",
+                                            elem_id="attention-options")
+                guidance = gr.CheckboxGroup(list(GUIDANCE_SLIDERS), label="Guidance", elem_id="guidance")
+                strengths = [gr.Slider(0, top, value=default, step=0.05, label=label, elem_id=f"{name}-strength")
+                             for name, (label, top, default) in GUIDANCE_SLIDERS.items()]
                 scale = gr.Slider(1, 15, value=default_scale, step=0.5, label="Guidance scale (classifier-free)",
                                   elem_id="guidance-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True)
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
-        button.click(generate, [prompt, seed, steps, frames, method, guidance, scale], [video, status])
+        button.click(generate, [prompt, seed, steps, frames, method, method_options, guidance, scale, *strengths],
+                     [video, status])
     return demo
 
 

@@ -1,0 +1,31 @@
+"""The demo's generate function passes attention options and guidance strengths through (no browser needed)."""
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+import attention
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import app  # noqa: E402
+
+
+def no_progress(*args, **kwargs):
+    return None
+
+
+def test_attention_options_and_guidance_strengths_reach_the_pipeline():
+    path, status = app.generate("a red circle moves to the right", 0, 2, 4, "vmoba", "threshold=0.3",
+                                ["temporal-self-guidance", "fourier-motion"], 5.0, 0.4, 1.0, progress=no_progress)
+    assert Path(path).stat().st_size > 0 and "2 steps" in status
+    pipe = app.get_pipeline("vmoba", (("threshold", 0.3),))
+    layer = attention.adapter_state(pipe.transformer).layer_methods[0].fn
+    assert layer.threshold == 0.3
+
+
+def test_bad_attention_option_is_shown_as_an_error():
+    with pytest.raises(gr.Error, match="threshold"):
+        app.generate("a red circle", 0, 2, 4, "vmoba", "threshold=5", [], 5.0, 0.6, 0.5, progress=no_progress)
+    with pytest.raises(gr.Error, match="key=value"):
+        app.generate("a red circle", 0, 2, 4, "vmoba", "threshold", [], 5.0, 0.6, 0.5, progress=no_progress)
