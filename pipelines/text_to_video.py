@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,13 +97,15 @@ class TextToVideoPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        attention_kwargs: dict[str, Any] | None = None,
     ):
         default_frames, default_height, default_width = self.default_video_shape
         num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
         prompts = self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {sorted(unknown)}")
         device = self._execution_device
         extra_guidance = resolve_guidance(self.default_guidance if guidance is None else guidance)
 
@@ -157,10 +159,7 @@ class TextToVideoPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    # A loop, not a comprehension: before Python 3.12 a comprehension has its own locals().
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
+                    callback_kwargs = {name: latents for name in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
