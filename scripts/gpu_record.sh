@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's record, run from the repository root: kernel check, kernel / model / method benchmarks and
+# A GPU machine's record, run from the repository root: kernel check, kernel / model / method benchmarks and
 # quality sweeps, inside a total time budget. Installs nothing: torch, Triton and diffusers must be importable.
 #
 #   OUT=bench_out BUDGET=500 bash scripts/gpu_record.sh

@@ -48,6 +48,9 @@ def main(argv=None):
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
+    parser.add_argument("--attention", default=None, help="train with this attention method (e.g. vmoba)")
+    parser.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of --attention (repeatable), e.g. threshold=0.25")
     parser.add_argument("--resume", default=None, help="accelerate checkpoint folder to continue from")
     parser.add_argument("--init-from", default=None, help="exported weights (text_encoder/, transformer/) to start from")
     parser.add_argument("--transformer-config", default="{}", help="JSON overrides of the VideoDiT config")
@@ -60,13 +63,15 @@ def main(argv=None):
         export_pipeline(args.export, args.to)
         return
 
+    from t2v.cli import parse_option
     from t2v.training import TrainConfig, train
 
     cfg = TrainConfig(
         output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
         seed=args.seed, save_every=args.save_every, max_minutes=args.max_minutes, init_from=args.init_from,
-        compile=args.compile,
+        compile=args.compile, attention=args.attention,
+        attention_options=dict(parse_option(o) for o in args.attention_option),
         transformer=json.loads(args.transformer_config), text_encoder=json.loads(args.text_encoder_config),
     )
     final = train(cfg, resume=args.resume)

@@ -64,3 +64,17 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     assert (final / "transformer" / "config.json").exists()
     # The world used for training is the same one the scorer is checked on.
     assert VideoWorld(4, 16, 16).sample(2, torch.Generator().manual_seed(0))[0].shape == (2, 3, 4, 16, 16)
+
+
+def test_training_with_vmoba_runs_through_the_kernel_backward(tmp_path):
+    import attention
+
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=3, batch_size=2, warmup_steps=1, log_every=1, save_every=1000,
+                      frames=4, height=16, width=16, transformer=TINY_DIT, text_encoder=TINY_TEXT,
+                      attention="vmoba", attention_options={"threshold": 0.3, "block_size": 16})
+    final = train(cfg)
+    assert (final / "transformer" / "config.json").exists()
+    with pytest.raises(ValueError, match="registered"):
+        train(TrainConfig(output_dir=str(tmp_path / "bad"), steps=1, transformer=TINY_DIT, text_encoder=TINY_TEXT,
+                          frames=4, height=16, width=16, attention="no-such-method"))
+    assert "vmoba" in attention.available_methods()

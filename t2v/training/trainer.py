@@ -46,6 +46,8 @@ class TrainConfig:
     max_minutes: float | None = None
     init_from: str | None = None
     compile: bool = False
+    attention: str | None = None
+    attention_options: dict = field(default_factory=dict)
     transformer: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
 
@@ -92,6 +94,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     text_encoder, transformer = build_models(cfg)
+    if cfg.attention:
+        # Fine-tuning with a sparse method (VMoBA is trained this way) goes through its kernel's backward.
+        from t2v.training.attention_finetune import apply_training_attention
+
+        apply_training_attention(transformer, cfg.attention, cfg.attention_options)
     if cfg.compile:
         # Fixed batch and fixed-length captions keep one graph; a block that fails to compile runs eagerly instead.
         torch._dynamo.config.suppress_errors = True
