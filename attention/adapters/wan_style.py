@@ -20,6 +20,20 @@ def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Ten
     return rotated.type_as(x)
 
 
+def project_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, N, D) of a Wan-style self-attention module, computed exactly as its own processor does."""
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    # The norms act across all heads, so they come before the split into heads.
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+    if rotary_emb is not None:
+        query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+
 class WanStyleProcessor:
     """Self-attention processor for a `WanAttention` module that hands q, k, v to an attention method.
 
@@ -49,17 +63,8 @@ class WanStyleProcessor:
         if not plain or layout is None or self.dense or state.dense_now or not layout.is_video_only:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        # The norms act across all heads, so they come before the split into heads.
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-
-        out = self.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout, state.step)
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        out = self.method(query, key, value, layout, state.step)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from attention.adapters import find_family
-from attention.adapters.wan_style import _apply_rotary
+from attention.adapters.wan_style import project_qkv
 from attention.kernels import dense_attention, triton_usable
 from t2v.guidance.base import Guidance
 
@@ -110,19 +110,6 @@ def frame_bias(target: torch.Tensor, mass: torch.Tensor, frames: int) -> torch.T
     """The same edit as an additive logit mask (B, H, N, N) for `scaled_dot_product_attention` (tests, reference)."""
     bias = torch.log(target) - torch.log(mass)
     return bias.repeat_interleave(mass.shape[2] // frames, dim=-1)
-
-
-def project_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
-    """q, k, v (B, H, N, D) of a Wan-style self-attention module, computed as its own processor does."""
-    if attn.fused_projections:
-        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    q, k = attn.norm_q(q), attn.norm_k(k)  # across all heads, so before the split
-    q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
-    if rotary_emb is not None:
-        q, k = _apply_rotary(q, *rotary_emb), _apply_rotary(k, *rotary_emb)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def _runs_sparse(processor) -> bool:
