@@ -142,12 +142,13 @@ def full_block_index(n_q_blocks, n_k_blocks, batch, heads, device=None):
 def block_index_from_mask(mask):
     """(B, H, NQB, NKB) bool block mask -> (index, count), selected blocks first in ascending order.
 
-    Eagerly the index is trimmed to the largest count (at least 1), which reads the count on the host; under
-    torch.compile it keeps its full width, so the graph has no data-dependent shape.
+    On the CPU the index is trimmed to the largest count (at least 1), which the reference's cost follows. On a
+    GPU and under torch.compile it keeps its full width: the kernel reads only `count` entries a row, and reading
+    the count on the host would stall the launch queue (and give compiled graphs a data-dependent shape).
     """
     count = mask.sum(-1, dtype=torch.int32)
     order = torch.sort(mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
-    if torch.compiler.is_compiling():
+    if mask.is_cuda or torch.compiler.is_compiling():
         width = mask.shape[-1]
     else:
         width = max(1, int(count.max())) if count.numel() else 1
