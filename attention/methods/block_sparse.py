@@ -67,10 +67,21 @@ def diagonal_blocks(num_q_blocks: int, num_k_blocks: int, device=None) -> torch.
 
 
 class BlockSparseMethod:
-    """Base class: subclasses implement `select(q, k, v, layout) -> Selection` on tiled (B, H, N, D) tensors."""
+    """Base class: subclasses implement `select(q, k, v, layout) -> Selection` on tiled (B, H, N, D) tensors.
+
+    A method takes a sparsity or a threshold, not both; given neither, it uses its class's defaults.
+    """
+
+    name = "block-sparse"
+    default_sparsity: float | None = None
+    default_threshold: float | None = None
 
     def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
                  threshold: float | None = None):
+        if sparsity is not None and threshold is not None:
+            raise ValueError(f"{self.name} takes threshold or sparsity, not both")
+        if sparsity is None and threshold is None:
+            sparsity, threshold = self.default_sparsity, self.default_threshold
         if sparsity is not None and not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         if threshold is not None and not 0.0 < threshold <= 1.0:

@@ -107,12 +107,11 @@ class RectifiedSparseAttention(BlockSparseMethod):
     blocks whose pooled attention sums to it. A query block always keeps its own key block.
     """
 
+    name = "rectified"
+    default_sparsity = DEFAULT_SPARSITY
+
     def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
                  threshold: float | None = None, rectify: bool = True):
-        if sparsity is not None and threshold is not None:
-            raise ValueError("rectified takes sparsity or threshold, not both")
-        if sparsity is None and threshold is None:
-            sparsity = DEFAULT_SPARSITY
         super().__init__(block_size, sparsity, threshold)
         self.rectify = bool(rectify)
 

@@ -125,12 +125,11 @@ def select_pairs(scores: torch.Tensor, own: torch.Tensor, threshold: float | Non
 class VMoBAMethod(BlockSparseMethod):
     """VMoBA on the shared kernel (see the module docstring); options: threshold (default 0.25) or sparsity."""
 
+    name = "vmoba"
+    default_threshold = DEFAULT_THRESHOLD
+
     def __init__(self, layer_index: int = 0, block_size: int = 64, threshold: float | None = None,
                  sparsity: float | None = None):
-        if threshold is not None and sparsity is not None:
-            raise ValueError("vmoba takes threshold or sparsity, not both")
-        if threshold is None and sparsity is None:
-            threshold = DEFAULT_THRESHOLD
         super().__init__(block_size=block_size, sparsity=sparsity, threshold=threshold)
         # Reduced here so compiled code only ever sees three variants.
         self.partition = int(layer_index) % len(PARTITIONS)

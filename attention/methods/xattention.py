@@ -86,12 +86,11 @@ class XAttention(BlockSparseMethod):
     block_size).
     """
 
+    name = "xattention"
+    default_threshold = DEFAULT_THRESHOLD
+
     def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
                  threshold: float | None = None, stride: int = DEFAULT_STRIDE):
-        if sparsity is not None and threshold is not None:
-            raise ValueError("xattention takes sparsity or threshold, not both")
-        if sparsity is None and threshold is None:
-            threshold = DEFAULT_THRESHOLD
         if int(stride) != stride or stride < 1:
             raise ValueError(f"stride must be a positive integer, got {stride}")
         if int(block_size) % int(stride):
