@@ -9,6 +9,7 @@ from attention.layout import VideoLayout
 from attention.methods.block_sparse import method_density
 from attention.methods.vmoba import VMoBAMethod, chunk_of_block, partition_layout, partition_tile, select_pairs
 from t2v.training.attention_finetune import apply_training_attention
+from tiny_models import randomised
 
 pytestmark = pytest.mark.filterwarnings("ignore:block-sparse attention. no Triton kernel")
 
@@ -120,11 +121,8 @@ def _video_dit():
     model = VideoDiT(
         in_channels=3, out_channels=3, patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
         num_layers=3, ffn_dim=32, text_dim=16, freq_dim=16, max_frames=8, max_height=8, max_width=8,
-    ).eval()
-    with torch.no_grad():  # it starts as the identity; random weights make attention matter
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    return model, (torch.randn(1, 3, 6, 8, 8), torch.randn(1, 5, 16))
+    )
+    return randomised(model), (torch.randn(1, 3, 6, 8, 8), torch.randn(1, 5, 16))
 
 
 def _wan():
