@@ -157,6 +157,8 @@ def export_video(frames, path: str | os.PathLike, fps: int = 8, scale: int | Non
 
     Small clips are enlarged by a whole factor with nearest-neighbour sampling, so that each model pixel stays a sharp
     square: by default the smallest factor that makes the short side at least 256 pixels (scale=1 keeps the size).
+    A GIF stores identical consecutive frames as one frame shown for their summed time (same playback, fewer frames
+    when read back); an MP4 keeps every frame.
     """
     path = check_output_path(path)
     frames = video_array(frames)

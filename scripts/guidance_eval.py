@@ -77,6 +77,7 @@ def evaluate(pipe, guidance, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
@@ -102,7 +103,7 @@ def main(argv=None):
     unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
     if unknown:
         parser.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
-    pipe = load_pipeline(attention=args.attention, device=args.device)
+    pipe = load_pipeline(args.model, attention=args.attention, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     # Untimed calls at the suite's batch size first, so that no setting pays for start-up (allocations, kernel
     # compilation and tuning).

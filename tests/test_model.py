@@ -21,6 +21,16 @@ def test_video_dit_output_shape_and_dependence_on_text():
     assert (out - other).abs().max() > 1e-3
 
 
+def test_video_dit_runs_in_bfloat16_close_to_float32():
+    # Inference in bfloat16 (the default on CUDA) has no autocast to reconcile float32 conditioning with bf16 weights.
+    model = randomised(VideoDiT(**TINY_DIT)).eval()
+    x, t, text = torch.randn(2, 3, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 16)
+    reference = model(x, t, text).sample
+    low = model.to(torch.bfloat16)(x.bfloat16(), t, text.bfloat16()).sample
+    assert low.dtype == torch.bfloat16
+    assert ((low.float() - reference).norm() / reference.norm()) < 0.05
+
+
 @pytest.mark.parametrize("frames,height,width", [(4, 15, 16), (9, 16, 16), (4, 16, 20), (0, 16, 16)])
 def test_video_dit_rejects_shapes_it_cannot_take(frames, height, width):
     model = VideoDiT(**TINY_DIT)

@@ -136,8 +136,10 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         pooled_text = (encoder_hidden_states * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
 
         time_freqs = self.time_proj(timestep).to(self.time_embedding.linear_1.weight.dtype)
-        temb = self.time_embedding(time_freqs) + self.pooled_text_embedding(pooled_text).float()
-        block_modulation = self.time_modulation(temb).unflatten(1, (6, -1))
+        # The conditioning vector is kept in float32 for the modulation's add; its linear layers take their own dtype.
+        temb = self.time_embedding(time_freqs).float() + self.pooled_text_embedding(pooled_text).float()
+        modulation_dtype = self.time_modulation[1].weight.dtype
+        block_modulation = self.time_modulation(temb.to(modulation_dtype)).unflatten(1, (6, -1))
         # Padding tokens are zeroed (as Wan zero-pads its text), so the blocks' cross-attention needs no mask.
         context = self.text_projection(encoder_hidden_states) * text_mask
 

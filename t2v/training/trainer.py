@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -41,6 +41,7 @@ class TrainConfig:
     height: int = 32
     width: int = 32
     two_object_prob: float = 0.25
+    timestep_shift: float = 3.0
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -79,9 +80,20 @@ def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
     return text_encoder, VideoDiT(**transformer_cfg)
 
 
-def sample_timesteps(batch: int, generator: torch.Generator, device) -> torch.Tensor:
-    # Logit-normal times concentrate training on the middle of the path, where the velocity is hardest to predict.
-    return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+def sample_timesteps(batch: int, generator: torch.Generator, device, shift: float = 3.0,
+                     uniform_share: float = 0.1) -> torch.Tensor:
+    """Times in (0, 1), 1 = pure noise: shifted logit-normal, with a share drawn uniformly to cover both ends.
+
+    Logit-normal times concentrate training on the middle of the path, where the velocity is hardest to predict.
+    The shift moves them toward noise: a clip's global layout (background, where objects are and which way they
+    go) is averaged over thousands of pixels, so it is already decided at noise levels that plain logit-normal
+    times almost never reach. Sampling uses the same shift (the scheduler's `shift`).
+    """
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    uniform = torch.rand(batch, generator=generator, device=device)
+    pick_uniform = torch.rand(batch, generator=generator, device=device) < uniform_share
+    t = torch.where(pick_uniform, uniform, t)
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
@@ -108,13 +120,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     started = time.time()
+    # Every process must see the same clock, or with several GPUs the learning rates (and so the weights) drift
+    # apart and one process stops a step before the others and hangs them. The main process's clock is shared
+    # every few steps; between shares each process uses the last shared value.
+    elapsed = [0.0]
+
+    def share_clock() -> None:
+        now = torch.tensor([time.time() - started], dtype=torch.float64, device=accelerator.device)
+        elapsed[0] = float(broadcast(now, from_process=0).item()) if accelerator.num_processes > 1 else now.item()
 
     def lr_factor(step: int) -> float:
         # With a time budget the cosine decay follows whichever runs out first, steps or minutes.
         warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         progress = step / max(1, cfg.steps)
         if cfg.max_minutes:
-            progress = max(progress, (time.time() - started) / (60 * cfg.max_minutes))
+            progress = max(progress, elapsed[0] / (60 * cfg.max_minutes))
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -139,7 +159,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
-        t = sample_timesteps(len(captions), generator, accelerator.device)
+        t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
         with accelerator.autocast():
             loss = module(ids.to(accelerator.device), mask.to(accelerator.device), videos, t, noise)
@@ -156,8 +176,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             if accelerator.is_main_process:
                 with open(out / "loss.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, "loss": loss.item(), "seconds": time.time() - started}) + "\n")
+        if cfg.max_minutes is not None and step % 10 == 0:
+            share_clock()
         done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes is not None and time.time() - started > 60 * cfg.max_minutes
+        out_of_time = cfg.max_minutes is not None and elapsed[0] > 60 * cfg.max_minutes
         if (step + 1) % cfg.save_every == 0 or done or out_of_time:
             accelerator.save_state(str(out / f"checkpoint-{step + 1}"))
         if out_of_time:
