@@ -2,7 +2,8 @@
 
 For each setting, over the scorer's prompt suite (same prompts and seeds for all): flicker (lower is steadier),
 motion along the prompted direction (each left/right/up/down object's fitted whole-clip travel projected on its
-direction, in pixels; objects the scorer does not find are left out and counted), scorer accuracy (all and per
+direction, in pixels; objects the scorer does not find are left out and counted), travel in any direction (the
+same objects' fitted whole-clip displacement length: motion whatever its direction), scorer accuracy (all and per
 attribute), seconds per clip and the overhead against no guidance.
 
     python scripts/guidance_eval.py --prompts 50 --seeds 4 --steps 25 --json guidance_eval.json
@@ -35,9 +36,10 @@ SETTINGS = {
 DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}
 
 
-def directed_motion(clips, specs) -> tuple[float | None, int, int]:
-    """Mean travel in pixels along the prompted direction (None if no object), objects measured, objects not found."""
-    travels, missing = [], 0
+def directed_motion(clips, specs) -> tuple[float | None, float | None, int, int]:
+    """Mean travel in pixels along the prompted direction and in any direction (None if no object), objects measured,
+    objects not found."""
+    travels, distances, missing = [], [], 0
     for clip, spec in zip(clips, specs):
         reading = read_clip(clip)
         height, width = clip.shape[1:3]
@@ -51,7 +53,10 @@ def directed_motion(clips, specs) -> tuple[float | None, int, int]:
             dx, dy = found.displacement[0] * width, found.displacement[1] * height
             ux, uy = DIRECTIONS[obj.motion]
             travels.append(dx * ux + dy * uy)
-    return (float(np.mean(travels)) if travels else None), len(travels), missing
+            distances.append(float(np.hypot(dx, dy)))
+    if not travels:
+        return None, None, 0, missing
+    return float(np.mean(travels)), float(np.mean(distances)), len(travels), missing
 
 
 def settings_of(guidance) -> dict:
@@ -67,9 +72,10 @@ def evaluate(pipe, guidance, args) -> dict:
                                      guidance_scale=args.guidance_scale)
     seconds = time.perf_counter() - started
     scores = score_suite(list(clips), specs)
-    motion, measured, missing = directed_motion(clips, specs)
+    motion, distance, measured, missing = directed_motion(clips, specs)
     return {
-        "flicker": scores["flicker"], "motion_px": motion, "motion_objects": measured, "motion_missing": missing,
+        "flicker": scores["flicker"], "motion_px": motion, "travel_px": distance, "motion_objects": measured,
+        "motion_missing": missing,
         "accuracy": {a: scores[a] for a in (*ATTRIBUTES, "all")},
         "seconds_per_clip": seconds / len(clips), "clips": len(clips),
     }
@@ -122,14 +128,15 @@ def main(argv=None):
         r["overhead"] = None if base is None else r["seconds_per_clip"] / base - 1
 
     columns = [*ATTRIBUTES, "all"]
-    print(f"{'setting':<9}{'flicker':>9}{'motion px':>10}{'objs':>6}" + "".join(f"{c:>11}" for c in columns)
+    print(f"{'setting':<9}{'flicker':>9}{'motion px':>10}{'travel px':>10}{'objs':>6}" + "".join(f"{c:>11}" for c in columns)
           + f"{'s/clip':>8}{'overhead':>9}")
     for name, r in results.items():
         accuracy = r["accuracy"]
         acc = "".join(f"{'-' if accuracy[c] is None else f'{100 * accuracy[c]:.1f}%':>11}" for c in columns)
         overhead = "-" if r["overhead"] is None else f"{100 * r['overhead']:+.1f}%"
         motion = "-" if r["motion_px"] is None else f"{r['motion_px']:.2f}"
-        print(f"{name:<9}{r['flicker']:>9.4f}{motion:>10}{r['motion_objects']:>6}{acc}"
+        travel = "-" if r["travel_px"] is None else f"{r['travel_px']:.2f}"
+        print(f"{name:<9}{r['flicker']:>9.4f}{motion:>10}{travel:>10}{r['motion_objects']:>6}{acc}"
               f"{r['seconds_per_clip']:>8.2f}{overhead:>9}")
     run = {"prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "split": args.split,
            "device": str(pipe._execution_device), "options": options, "attention": args.attention,

@@ -221,5 +221,5 @@ def test_guidance_eval_script_runs(tmp_path, capsys):
     assert set(record["results"]) == {"none", "tsg+fme"} and record["options"] == {"fourier-motion": {"split": 2}}
     both = record["results"]["tsg+fme"]
     assert both["guidance"]["fourier-motion"]["split"] == 2 and both["clips"] == 1
-    assert {"flicker", "motion_px", "accuracy", "seconds_per_clip", "overhead"} <= set(both)
+    assert {"flicker", "motion_px", "travel_px", "accuracy", "seconds_per_clip", "overhead"} <= set(both)
     assert "tsg+fme" in capsys.readouterr().out
