@@ -31,6 +31,24 @@ def test_video_dit_runs_in_bfloat16_close_to_float32():
     assert ((low.float() - reference).norm() / reference.norm()) < 0.05
 
 
+def test_absolute_positions_start_neutral_and_can_be_added_to_trained_weights(tmp_path):
+    from t2v.training.trainer import build_models
+
+    plain = randomised(VideoDiT(**TINY_DIT)).eval()
+    plain.save_pretrained(tmp_path / "transformer")
+    TextEncoder(vocab=vocabulary(), **TINY_TEXT).save_pretrained(tmp_path / "text_encoder")
+    _, with_positions = build_models(TrainConfig(init_from=str(tmp_path), transformer={"absolute_positions": True}))
+    assert with_positions.config.absolute_positions and with_positions.frame_embedding.shape == (8, 24)
+    x, t, text = torch.randn(2, 3, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        reference = plain(x, t, text).sample
+        assert torch.equal(with_positions.eval()(x, t, text).sample, reference)  # zero at first: same function
+        for table in (with_positions.frame_embedding, with_positions.row_embedding, with_positions.column_embedding):
+            table.normal_()
+            assert (with_positions(x, t, text).sample - reference).abs().max() > 1e-3
+            reference = with_positions(x, t, text).sample
+
+
 @pytest.mark.parametrize("frames,height,width", [(4, 15, 16), (9, 16, 16), (4, 16, 20), (0, 16, 16)])
 def test_video_dit_rejects_shapes_it_cannot_take(frames, height, width):
     model = VideoDiT(**TINY_DIT)

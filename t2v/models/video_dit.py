@@ -49,11 +49,18 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         sample_height: int = 32,
         sample_width: int = 32,
         eps: float = 1e-6,
+        absolute_positions: bool = False,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
         patch_size = tuple(patch_size)
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        if absolute_positions:
+            # Rotary embedding tells a token only where others are relative to it; "moves right" is easier to tie to
+            # the frame index and the column. Zero at first, so weights trained without them keep their function.
+            self.frame_embedding = nn.Parameter(torch.zeros(max_frames // patch_size[0], inner_dim))
+            self.row_embedding = nn.Parameter(torch.zeros(max_height // patch_size[1], inner_dim))
+            self.column_embedding = nn.Parameter(torch.zeros(max_width // patch_size[2], inner_dim))
         max_positions = max(max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, max_positions)
         # Wan builds its rotary tables in float64, which promotes q and k to float64 in every attention call.
@@ -128,6 +135,11 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         rotary_emb = self.rope(hidden_states)
 
         tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+        if self.config.absolute_positions:
+            grid_f, grid_h, grid_w = frames // pt, height // ph, width // pw
+            position = (self.frame_embedding[:grid_f, None, None] + self.row_embedding[None, :grid_h, None]
+                        + self.column_embedding[None, None, :grid_w])
+            tokens = tokens + position.reshape(1, -1, tokens.shape[-1]).to(tokens.dtype)
 
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
         if encoder_attention_mask is None:

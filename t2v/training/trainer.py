@@ -72,7 +72,10 @@ class FlowMatchingModule(torch.nn.Module):
 def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
     if cfg.init_from:
         root = Path(cfg.init_from)
-        return TextEncoder.from_pretrained(root / "text_encoder"), VideoDiT.from_pretrained(root / "transformer")
+        # Config overrides may add parameters the weights lack (e.g. absolute_positions); those keep their own init.
+        overrides = dict(low_cpu_mem_usage=False, **cfg.transformer) if cfg.transformer else {}
+        return (TextEncoder.from_pretrained(root / "text_encoder"),
+                VideoDiT.from_pretrained(root / "transformer", **overrides))
     text_encoder = TextEncoder(vocab=vocabulary(), **cfg.text_encoder)
     transformer_cfg = dict(text_dim=text_encoder.config.hidden_size, sample_frames=cfg.frames,
                            sample_height=cfg.height, sample_width=cfg.width)
