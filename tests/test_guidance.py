@@ -94,6 +94,15 @@ def test_edited_attention_is_the_log_bias_and_hits_the_target():
     torch.testing.assert_close(within, plain / mass.unsqueeze(-1))
     torch.testing.assert_close(attention_with_frame_mass(q, k, v, frames, mass),
                                F.scaled_dot_product_attention(q, k, v))
+    # A frame whose target mass is zero (a Fourier edit can clamp one to 0) is shut out, not turned into NaN.
+    shut = target.clone()
+    shut[..., 0] = 0
+    shut = shut / shut.sum(-1, keepdim=True)
+    out = attention_with_frame_mass(q, k, v, frames, shut)
+    per = n // frames
+    only_rest = F.scaled_dot_product_attention(q[..., :, :], k[:, :, per:], v[:, :, per:],
+                                               attn_mask=frame_bias(shut, mass, frames)[..., per:])
+    torch.testing.assert_close(out, only_rest)
 
 
 def test_fourier_edit_raises_energy_and_makes_up_for_self_guidance():
