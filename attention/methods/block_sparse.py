@@ -36,9 +36,11 @@ def block_token_counts(num_tokens: int, block_size: int, device=None) -> torch.T
 def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, H, N, D) -> (B, H, ceil(N / block_size), D): the mean of each block's tokens, in float32."""
     b, h, n, d = x.shape
-    num_blocks = -(-n // block_size)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, num_blocks * block_size - n))
-    sums = padded.view(b, h, num_blocks, block_size, d).sum(3)
+    full = n // block_size
+    # Summed in place with float32 accumulation: no float32 or padded copy of x (selection is memory-bound).
+    sums = x[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
+    if n % block_size:
+        sums = torch.cat([sums, x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
     return sums / block_token_counts(n, block_size, x.device).view(1, 1, -1, 1)
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from attention.layout import VideoLayout
 from attention.methods import SparseOptions
@@ -62,12 +61,16 @@ def pooled_attention(q_pool: torch.Tensor, k_pool: torch.Tensor, key_counts: tor
 
 def _mean_abs_deviation(x: torch.Tensor, pooled: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, H, NB, D): per block and channel, the mean over the block's tokens of |x - block mean|."""
-    b, h, n, d = x.shape
-    nb = pooled.shape[2]
-    padded = F.pad(x.float(), (0, 0, 0, nb * block_size - n)).view(b, h, nb, block_size, d)
-    deviation = (padded - pooled.unsqueeze(3)).abs()
-    valid = (torch.arange(nb * block_size, device=x.device) < n).view(nb, block_size, 1)
-    return (deviation * valid).sum(3) / block_token_counts(n, block_size, x.device).view(nb, 1)
+    n = x.shape[2]
+    full = n // block_size
+
+    def summed(tokens, means):  # x's dtype meets float32 means inside one kernel: no float32 copy of x
+        return (tokens - means.unsqueeze(3)).abs_().sum(3)
+
+    sums = summed(x[:, :, : full * block_size].unflatten(2, (full, block_size)), pooled[:, :, :full])
+    if n % block_size:
+        sums = torch.cat([sums, summed(x[:, :, full * block_size:].unsqueeze(2), pooled[:, :, full:])], dim=2)
+    return sums / block_token_counts(n, block_size, x.device).view(-1, 1)
 
 
 def pooling_gain_mask(q, k, q_pool, k_pool, dots, block_size: int) -> torch.Tensor:
