@@ -184,3 +184,18 @@ def test_export_video(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(PermissionError, match="cannot write to folder"):
         export_video(frames, tmp_path / "a-file" / "clip.mp4")
+
+
+def test_word_probe_sees_the_words_a_model_reads(pipe, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "diagnose_model.py"
+    spec = importlib.util.spec_from_file_location("diagnose_model_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "WORD_PAIRS", {"colour": (PROMPT, PROMPT.replace("red", "blue")),
+                                               "none": (PROMPT, PROMPT)})
+    changes = script.word_sensitivity(pipe, times=(0.9, 0.5), clips=2)
+    assert changes["none"] == [0.0, 0.0]
+    assert all(change > 1e-3 for change in changes["colour"])
