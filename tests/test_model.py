@@ -106,3 +106,23 @@ def test_training_with_vmoba_runs_through_the_kernel_backward(tmp_path):
         train(TrainConfig(output_dir=str(tmp_path / "bad"), steps=1, transformer=TINY_DIT, text_encoder=TINY_TEXT,
                           frames=4, height=16, width=16, attention="no-such-method"))
     assert "vmoba" in attention.available_methods()
+
+
+def test_training_times_are_shifted_toward_noise():
+    from t2v.training.trainer import sample_timesteps
+
+    plain = sample_timesteps(20000, torch.Generator().manual_seed(0), "cpu", shift=1.0, uniform_share=0.0)
+    expected = torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(plain, expected)
+    shifted = sample_timesteps(20000, torch.Generator().manual_seed(0), "cpu", shift=3.0)
+    assert 0 < shifted.min() and shifted.max() < 1
+    assert abs(shifted.median().item() - 0.75) < 0.02  # the logit-normal median 0.5, moved to 3 * 0.5 / 2
+    assert (shifted > 0.95).float().mean() > 10 * (plain > 0.95).float().mean()
+
+
+def test_a_time_budget_stops_training_with_a_checkpoint(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=10000, batch_size=2, warmup_steps=1, save_every=100000,
+                      max_minutes=1e-6, frames=4, height=16, width=16, transformer=TINY_DIT, text_encoder=TINY_TEXT)
+    train(cfg)
+    assert (tmp_path / "trained_steps.txt").read_text().strip() == "1"
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
