@@ -22,7 +22,6 @@ in any case); ``all`` means every registered method, with the options in DEFAULT
 """
 
 import argparse
-import ast
 import datetime
 import inspect
 import json
@@ -34,6 +33,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from t2v.cli import parse_value  # noqa: E402  (light: no torch; benchmarks import the rest lazily)
 
 # name: (tokens, heads, head_dim)
 ATTENTION_SHAPES = {
@@ -197,16 +198,6 @@ def add_attention_parser(sub):
 
 # The options `all` gives each method it expands to (a method not listed runs with its own defaults).
 DEFAULT_OPTIONS = {"vmoba": {"threshold": 0.25}, "rectified": {"sparsity": 0.85}, "xattention": {"threshold": 0.9}}
-
-
-def parse_value(text):
-    """A Python literal where it is one (0.85, 2, [0, 1]); true / false / none in any case; else the string."""
-    if text.lower() in ("true", "false", "none"):
-        return {"true": True, "false": False, "none": None}[text.lower()]
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def parse_options(text):

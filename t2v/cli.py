@@ -19,16 +19,23 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit code 2."""
 
 
+def parse_value(text: str) -> object:
+    """A Python literal where it is one (2, 0.5, True, [0, 1]); true / false / none in any case; else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def parse_option(text: str, flag: str = "--attention-option") -> tuple[str, object]:
-    """'key=value' with the value read as a Python literal where it is one (2, 0.5, True, [0, 1]), else a string."""
+    """'key=value' with the value read by `parse_value`."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise UsageError(f"{flag} must look like key=value, got {text!r}")
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return key.strip(), parsed
+    return key.strip(), parse_value(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

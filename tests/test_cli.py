@@ -86,3 +86,14 @@ def test_unwritable_output_fails_before_generation(tmp_path, capsys, monkeypatch
     (tmp_path / "a-file").write_text("")
     assert main(["generate", PROMPT, "-o", str(tmp_path / "a-file" / "x.mp4")]) == 2
     assert "cannot write to folder" in capsys.readouterr().err
+
+
+def test_option_values_read_as_literals_and_lowercase_booleans():
+    from t2v.cli import parse_option
+
+    assert parse_option("rectify=false") == ("rectify", False)  # not the string 'false', which is truthy
+    assert parse_option("rectify=True") == ("rectify", True)
+    assert parse_option("dense_layers=[0, 1]") == ("dense_layers", [0, 1])
+    assert parse_option("threshold=0.25") == ("threshold", 0.25)
+    assert parse_option("mode=none") == ("mode", None)
+    assert parse_option("name=temporal") == ("name", "temporal")
