@@ -33,15 +33,21 @@ def block_token_counts(num_tokens: int, block_size: int, device=None) -> torch.T
     return (num_tokens - starts).clamp(max=block_size)
 
 
+def block_views(x: torch.Tensor, block_size: int) -> list[tuple[torch.Tensor, slice]]:
+    """(B, H, N, D) as views (B, H, blocks, tokens, D): the full blocks, then the partial last one if any, each
+    with the slice of block indices it covers. Reductions over them need no padded (or upcast) copy of x."""
+    n = x.shape[2]
+    full = n // block_size
+    views = [(x[:, :, : full * block_size].unflatten(2, (full, block_size)), slice(0, full))]
+    if n % block_size:
+        views.append((x[:, :, full * block_size:].unsqueeze(2), slice(full, full + 1)))
+    return views
+
+
 def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, H, N, D) -> (B, H, ceil(N / block_size), D): the mean of each block's tokens, in float32."""
-    b, h, n, d = x.shape
-    full = n // block_size
-    # Summed in place with float32 accumulation: no float32 or padded copy of x (selection is memory-bound).
-    sums = x[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
-    if n % block_size:
-        sums = torch.cat([sums, x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
-    return sums / block_token_counts(n, block_size, x.device).view(1, 1, -1, 1)
+    sums = torch.cat([view.sum(3, dtype=torch.float32) for view, _ in block_views(x, block_size)], dim=2)
+    return sums / block_token_counts(x.shape[2], block_size, x.device).view(1, 1, -1, 1)
 
 
 def keep_top_fraction(scores: torch.Tensor, keep: float, always: torch.Tensor | None = None) -> torch.Tensor:

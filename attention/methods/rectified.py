@@ -45,8 +45,8 @@ import torch
 from attention.layout import VideoLayout
 from attention.methods import SparseOptions
 from attention.methods.block_sparse import (
-    BlockSparseMethod, Selection, block_token_counts, diagonal_blocks, keep_cumulative, keep_top_fraction,
-    mean_pool_blocks,
+    BlockSparseMethod, Selection, block_token_counts, block_views, diagonal_blocks, keep_cumulative,
+    keep_top_fraction, mean_pool_blocks,
 )
 
 DEFAULT_SPARSITY = 0.75
@@ -61,16 +61,10 @@ def pooled_attention(q_pool: torch.Tensor, k_pool: torch.Tensor, key_counts: tor
 
 def _mean_abs_deviation(x: torch.Tensor, pooled: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, H, NB, D): per block and channel, the mean over the block's tokens of |x - block mean|."""
-    n = x.shape[2]
-    full = n // block_size
-
-    def summed(tokens, means):  # x's dtype meets float32 means inside one kernel: no float32 copy of x
-        return (tokens - means.unsqueeze(3)).abs_().sum(3)
-
-    sums = summed(x[:, :, : full * block_size].unflatten(2, (full, block_size)), pooled[:, :, :full])
-    if n % block_size:
-        sums = torch.cat([sums, summed(x[:, :, full * block_size:].unsqueeze(2), pooled[:, :, full:])], dim=2)
-    return sums / block_token_counts(n, block_size, x.device).view(-1, 1)
+    # x's dtype meets the float32 means inside one kernel: no float32 copy of x.
+    sums = torch.cat([(view - pooled[:, :, blocks].unsqueeze(3)).abs_().sum(3)
+                      for view, blocks in block_views(x, block_size)], dim=2)
+    return sums / block_token_counts(x.shape[2], block_size, x.device).view(-1, 1)
 
 
 def pooling_gain_mask(q, k, q_pool, k_pool, dots, block_size: int) -> torch.Tensor:
