@@ -32,7 +32,6 @@ GUIDANCE_SLIDERS = {
 }
 
 
-
 def parse_attention_options(text: str) -> tuple:
     """'threshold=0.25, block_size=64' -> (("block_size", 64), ("threshold", 0.25)), hashable for the cache."""
     items = [part.strip() for part in (text or "").split(",") if part.strip()]

@@ -128,8 +128,8 @@ def main(argv=None):
         r["overhead"] = None if base is None else r["seconds_per_clip"] / base - 1
 
     columns = [*ATTRIBUTES, "all"]
-    print(f"{'setting':<9}{'flicker':>9}{'motion px':>10}{'travel px':>10}{'objs':>6}" + "".join(f"{c:>11}" for c in columns)
-          + f"{'s/clip':>8}{'overhead':>9}")
+    print(f"{'setting':<9}{'flicker':>9}{'motion px':>10}{'travel px':>10}{'objs':>6}"
+          + "".join(f"{c:>11}" for c in columns) + f"{'s/clip':>8}{'overhead':>9}")
     for name, r in results.items():
         accuracy = r["accuracy"]
         acc = "".join(f"{'-' if accuracy[c] is None else f'{100 * accuracy[c]:.1f}%':>11}" for c in columns)

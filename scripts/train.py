@@ -16,21 +16,20 @@ from pathlib import Path
 import torch
 
 
-def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", shard: str = "15MB",
-                    shift: float | None = None) -> None:
+def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", shard: str = "15MB") -> None:
     """Writes a diffusers pipeline folder (model_index.json and one subfolder per component).
 
-    The scheduler's shift is the one the weights were trained with (train_config.json beside them), so that
-    sampling spends its steps where training put its times."""
+    The scheduler's shift is the one the weights were trained with (train_config.json beside them; runs from
+    before the option drew unshifted times), so that sampling spends its steps where training put its times."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
 
     from pipelines import TextToVideoPipeline
     from t2v.models import TextEncoder, VideoDiT
+    from t2v.training import TrainConfig
 
-    if shift is None:
-        config = weights.parent / "train_config.json"
-        shift = json.loads(config.read_text()).get("timestep_shift", 1.0) if config.exists() else 3.0
+    config = weights.parent / "train_config.json"
+    shift = json.loads(config.read_text()).get("timestep_shift", 1.0) if config.exists() else TrainConfig.timestep_shift
     pipe = TextToVideoPipeline(
         text_encoder=TextEncoder.from_pretrained(weights / "text_encoder"),
         transformer=VideoDiT.from_pretrained(weights / "transformer"),
@@ -43,6 +42,8 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
 
 
 def main(argv=None):
+    from t2v.training import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/t2v-tiny")
     parser.add_argument("--steps", type=int, default=3000)
@@ -52,7 +53,7 @@ def main(argv=None):
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timestep-shift", type=float, default=3.0,
+    parser.add_argument("--timestep-shift", type=float, default=TrainConfig.timestep_shift,
                         help="shift of the training times toward noise (and the exported scheduler's shift)")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
@@ -73,12 +74,13 @@ def main(argv=None):
         return
 
     from t2v.cli import parse_option
-    from t2v.training import TrainConfig, train
+    from t2v.training import train
 
     cfg = TrainConfig(
         output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
-        seed=args.seed, timestep_shift=args.timestep_shift, save_every=args.save_every, max_minutes=args.max_minutes, init_from=args.init_from,
+        seed=args.seed, timestep_shift=args.timestep_shift, save_every=args.save_every, max_minutes=args.max_minutes,
+        init_from=args.init_from,
         compile=args.compile, attention=args.attention,
         attention_options=dict(parse_option(o) for o in args.attention_option),
         transformer=json.loads(args.transformer_config), text_encoder=json.loads(args.text_encoder_config),

@@ -95,7 +95,8 @@ def test_cumulative_threshold_picks_the_expected_blocks_per_query_block():
     assert mask.tolist() == [[j in t or j == i for j in range(4)] for i, t in enumerate(two)]
     # Half of the score sits in each target: 0.4 is reached by one of them (plus the own block).
     # So does the top quarter that sparsity 0.75 keeps.
-    for method in (XAttention(block_size=8, threshold=0.4, stride=4), XAttention(block_size=8, sparsity=0.75, stride=4)):
+    for method in (XAttention(block_size=8, threshold=0.4, stride=4),
+                   XAttention(block_size=8, sparsity=0.75, stride=4)):
         mask = method.select(q, k, k, layout).block_mask[0, 0]
         for i, (row, t) in enumerate(zip(mask, two)):
             kept = set(row.nonzero().flatten().tolist())

@@ -83,7 +83,7 @@ def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
     return text_encoder, VideoDiT(**transformer_cfg)
 
 
-def sample_timesteps(batch: int, generator: torch.Generator, device, shift: float = 3.0,
+def sample_timesteps(batch: int, generator: torch.Generator, device, shift: float,
                      uniform_share: float = 0.1) -> torch.Tensor:
     """Times in (0, 1), 1 = pure noise: shifted logit-normal, with a share drawn uniformly to cover both ends.
 
