@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from pipelines import TextToVideoPipeline
+from pipelines import load_pipeline
 from t2v.eval import evaluate_suite
 
 COLUMNS = ("colour", "shape", "motion", "speed", "background", "count", "all")
@@ -29,10 +29,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    from t2v import default_model_path
-
-    pipe = TextToVideoPipeline.from_pretrained(args.model or default_model_path(), torch_dtype=torch.float32)
-    pipe.to(args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     results = []
     for split in args.splits.split(","):

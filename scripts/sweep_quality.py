@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # benchmark.py also puts the repository root on the path; write_json rewrites the file after every setting.
-from benchmark import describe, parse_options, write_json  # noqa: E402
+from benchmark import describe, fmt, parse_options, write_json  # noqa: E402
 from t2v.eval.scorer import ATTRIBUTES  # noqa: E402
 
 # Settings `--method all` uses per method (sparsity >= 0.75 is where the quality target sits).
@@ -167,13 +167,9 @@ def points(a, b):
     return None if a is None or b is None else 100 * (a - b)
 
 
-def f(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
-
-
 def row_line(r):
-    return (f"density {f(r['density'], '.3f')}, all {f(100 * r['all'])}% ({f(r['delta_all'], '+.1f')} pt), "
-            f"PSNR {f(r['psnr_mean'])} / min {f(r['psnr_min'])} dB, {r['seconds']:.1f} s")
+    return (f"density {fmt(r['density'], '.3f')}, all {fmt(100 * r['all'])}% ({fmt(r['delta_all'], '+.1f')} pt), "
+            f"PSNR {fmt(r['psnr_mean'])} / min {fmt(r['psnr_min'])} dB, {r['seconds']:.1f} s")
 
 
 def table(rows):
@@ -185,10 +181,10 @@ def table(rows):
         if "all" not in r:
             lines.append(f"{name:{width}s} ({r['note']})")
             continue
-        attrs = "".join(f"{f(None if v is None else 100 * v):>7s}" for v in r["attributes"].values())
-        lines.append(f"{name:{width}s} {f(r['density'], '.3f'):>7s} {f(r['sparsity'], '.3f'):>8s} "
-                     f"{f(100 * r['all']):>6s} {f(r['delta_all'], '+.1f'):>6s} {attrs} {f(r['psnr_mean']):>6s} "
-                     f"{f(r['psnr_min']):>6s} {r['seconds']:6.1f}")
+        attrs = "".join(f"{fmt(None if v is None else 100 * v):>7s}" for v in r["attributes"].values())
+        lines.append(f"{name:{width}s} {fmt(r['density'], '.3f'):>7s} {fmt(r['sparsity'], '.3f'):>8s} "
+                     f"{fmt(100 * r['all']):>6s} {fmt(r['delta_all'], '+.1f'):>6s} {attrs} {fmt(r['psnr_mean']):>6s} "
+                     f"{fmt(r['psnr_min']):>6s} {r['seconds']:6.1f}")
     return "\n".join(lines)
 
 
