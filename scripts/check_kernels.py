@@ -1,8 +1,8 @@
-"""GPU correctness check: Triton block-sparse attention against the PyTorch reference.
+"""GPU correctness check: Triton block-sparse attention and XAttention scoring against the PyTorch references.
 
 Fresh random inputs every run (the seed is printed). Outputs of the Triton kernels are filled
 with NaN before each launch, so any element left unwritten fails the check. Exits non-zero on
-any failure. Usage: python scripts/check_kernels.py [--seed S] [--skip-compile]
+any failure. Usage: python scripts/check_kernels.py [--seed S] [--skip-compile] [--only antidiagonal]
 """
 
 import argparse
@@ -108,10 +108,32 @@ def check(name, case, grads=True, configs=None, tol=None, tma=True):
     report(name, ok, detail)
 
 
+def check_antidiagonal_scores(do_bench):
+    """XAttention's Triton block scores against the PyTorch reference (float64), then both timed at Wan2.1-1.3B."""
+    from attention.kernels import antidiagonal, triton_antidiagonal
+
+    cases = [(1000, 1000, 128, 64, 8, torch.bfloat16), (777, 500, 64, 64, 16, torch.float16),
+             (4100, 4100, 128, 128, 8, torch.bfloat16), (300, 333, 64, 16, 8, torch.float32)]
+    for (n, m, d, bs, stride, dtype) in cases:
+        q, k = (torch.randn(2, 3, L, d, device=DEV, dtype=dtype) for L in (n, m))
+        want = antidiagonal.antidiagonal_block_scores(q.double(), k.double(), bs, stride)
+        got = triton_antidiagonal.antidiagonal_block_scores(q, k, bs, stride).double()
+        err = rel(got, want)
+        report(f"antidiagonal scores {dtype} D{d} N={n} M={m} bs{bs} stride{stride}", err < 1e-2 and
+               bool(torch.isfinite(got).all()), f"rel err {err:.2e}")
+    q, k = (torch.randn(1, 12, 32760, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    for stride in (8, 16):
+        ref = do_bench(lambda: antidiagonal.antidiagonal_block_scores(q, k, 64, stride), return_mode="median")
+        fused = do_bench(lambda: triton_antidiagonal.antidiagonal_block_scores(q, k, 64, stride), return_mode="median")
+        print(f"wan1.3b antidiagonal scores block 64 stride {stride}: PyTorch {ref:.3f} ms, Triton {fused:.3f} ms",
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--only", choices=["antidiagonal"], help="run only this group of checks")
     args = ap.parse_args()
     import triton
     from attention.kernels import triton_block_sparse as T
@@ -119,6 +141,11 @@ def main():
     print(f"seed {args.seed}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{torch.cuda.get_device_name()}", flush=True)
     bf, fp = torch.bfloat16, torch.float16
+    if args.only == "antidiagonal":
+        from triton.testing import do_bench
+        check_antidiagonal_scores(do_bench)
+        print(f"\n{len(FAILS)} failure(s)" + (": " + ", ".join(FAILS) if FAILS else ""), flush=True)
+        sys.exit(1 if FAILS else 0)
 
     check("bf16 D128 N=M=1000 bs64 30% pooled empty", make_case(1, 3, 1000, 1000, 128, 64, 0.3, bf, True, 0.2))
     check("fp16 D64 N=M=1000 bs64 30% pooled empty", make_case(1, 3, 1000, 1000, 64, 64, 0.3, fp, True, 0.2))
@@ -198,6 +225,7 @@ def main():
     fwd = do_bench(lambda: T.block_sparse_attention(q, k, v, index, count, **kw), return_mode="median")
     bwd = do_bench(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), return_mode="median")
     print(f"wan1.3b 15% default configs: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms", flush=True)
+    check_antidiagonal_scores(do_bench)
 
     print(f"\n{len(FAILS)} failure(s)" + (": " + ", ".join(FAILS) if FAILS else ""), flush=True)
     sys.exit(1 if FAILS else 0)

@@ -1,12 +1,15 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attention
 from attention.layout import VideoLayout
-from attention.methods import xattention
 from attention.methods.block_sparse import method_density
-from attention.methods.xattention import XAttention, antidiagonal_block_scores, antidiagonal_logits
+from attention.kernels import antidiagonal
+from attention.kernels.antidiagonal import antidiagonal_block_scores, antidiagonal_logits
+from attention.methods.xattention import XAttention
 from tiny_models import tiny_models
 
 
@@ -56,8 +59,38 @@ def test_block_scores_match_a_direct_computation_with_padding(monkeypatch):
             expected[..., r // 4, c // 4] += p[..., r, c]
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(antidiagonal_block_scores(q, k, bs, stride), expected)
-    monkeypatch.setattr(xattention, "_CHUNK_ELEMS", 1)  # one query block per chunk: same scores
+    monkeypatch.setattr(antidiagonal, "_CHUNK_ELEMS", 1)  # one query block per chunk: same scores
     torch.testing.assert_close(antidiagonal_block_scores(q, k, bs, stride), expected)
+
+
+def _triton_device():
+    """CUDA when there is one; the CPU under Triton's interpreter (TRITON_INTERPRET=1); else None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+@pytest.mark.parametrize("n,m,d,bs,stride", [(45, 45, 16, 16, 4), (300, 333, 32, 32, 8), (200, 130, 16, 128, 1),
+                                             (1000, 1000, 64, 64, 8)])
+def test_triton_block_scores_match_the_reference(n, m, d, bs, stride, monkeypatch):
+    from attention.kernels import triton_antidiagonal
+
+    device = _triton_device()
+    g = torch.Generator().manual_seed(n + m + bs)
+    q, k = torch.randn(2, 3, n, d, generator=g), torch.randn(2, 3, m, d, generator=g)
+    expected = antidiagonal_block_scores(q.double(), k.double(), bs, stride)
+    got = triton_antidiagonal.antidiagonal_block_scores(q.to(device), k.to(device), bs, stride).cpu().double()
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < (1e-5 if device == "cpu" else 2e-3)
+    torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)))
+    monkeypatch.setattr(antidiagonal, "_CHUNK_ELEMS", 1)  # one query block per chunk: same scores
+    chunked = triton_antidiagonal.antidiagonal_block_scores(q.to(device), k.to(device), bs, stride).cpu().double()
+    torch.testing.assert_close(chunked, got)
 
 
 def test_threshold_one_keeps_every_block_and_equals_dense():

@@ -1,11 +1,13 @@
-"""Attention kernels: block-sparse flash attention (Triton on CUDA, PyTorch reference elsewhere).
+"""Attention kernels: block-sparse flash attention and XAttention's block scoring (Triton on CUDA, PyTorch
+reference elsewhere).
 
-``block_sparse_attention`` and ``dense_attention`` pick the fastest usable implementation;
-``reference`` holds the plain PyTorch versions with the same signatures.
+``block_sparse_attention``, ``dense_attention`` and ``antidiagonal_block_scores`` pick the fastest usable
+implementation; ``reference`` and ``antidiagonal`` hold the plain PyTorch versions with the same signatures.
 """
 
-from . import reference
+from . import antidiagonal, reference
 from .dispatch import (
+    antidiagonal_block_scores,
     block_index_from_mask,
     block_sparse_attention,
     dense_attention,
@@ -15,6 +17,7 @@ from .dispatch import (
 )
 
 __all__ = [
+    "antidiagonal_block_scores",
     "block_sparse_attention",
     "dense_attention",
     "merge_attention",
@@ -22,4 +25,5 @@ __all__ = [
     "block_index_from_mask",
     "triton_usable",
     "reference",
+    "antidiagonal",
 ]

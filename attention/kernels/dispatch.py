@@ -3,12 +3,13 @@
 Falling back warns once per process: the reference is correct but slow on real sizes.
 """
 
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import antidiagonal, reference
 from .reference import block_index_from_mask, full_block_index, merge_attention  # noqa: F401
 
 _triton_module = None
@@ -73,3 +74,23 @@ def dense_attention(q, k, v, scale=None, *, return_lse=True):
         index, count = full_block_index(-(-N // bs), -(-k.shape[2] // bs), B, H, q.device)
         return _triton().block_sparse_attention(q, k, v, index, count, block_size=bs, scale=scale)
     return reference.dense_attention(q, k, v, scale=scale)
+
+
+def antidiagonal_block_scores(q, k, block_size, stride, scale=None):
+    """XAttention's (B, H, NQB, NKB) block scores; see ``antidiagonal.antidiagonal_block_scores``.
+
+    The fused Triton reduction is used only when T2V_ANTIDIAGONAL_TRITON=1: it matches the reference under Triton's
+    interpreter but has not yet been checked and timed on a GPU (`scripts/check_kernels.py --only antidiagonal`).
+    """
+    if q.is_cuda and os.environ.get("T2V_ANTIDIAGONAL_TRITON") == "1":
+        try:
+            from . import triton_antidiagonal
+        except ImportError:
+            triton_antidiagonal = None
+        if triton_antidiagonal is not None and triton_antidiagonal.antidiagonal_usable(q, k, block_size, stride):
+            try:
+                return triton_antidiagonal.antidiagonal_block_scores(q, k, block_size, stride, scale)
+            except triton_antidiagonal.LAUNCH_ERRORS as error:  # a GPU the tiles do not fit: same scores, slower
+                warnings.warn(f"XAttention scoring: the Triton kernel cannot run here ({error}); using PyTorch",
+                              RuntimeWarning, stacklevel=2)
+    return antidiagonal.antidiagonal_block_scores(q, k, block_size, stride, scale)
