@@ -11,9 +11,22 @@ import json
 import torch
 
 from pipelines import load_pipeline
+from t2v.data.captions import MOTIONS
 from t2v.eval import evaluate_suite
 
 COLUMNS = ("colour", "shape", "motion", "speed", "background", "count", "all")
+
+
+def print_motion_confusion(split: str, table: dict[str, dict[str, int]]) -> None:
+    """Rows: the prompted motion; columns: what the scorer read (share of that row's objects)."""
+    read_as = [*MOTIONS, "missing"]
+    print(f"\n{split}: prompted motion (rows) against the motion read back (columns), % of the row's objects")
+    print(f"{'prompted':<9}" + "".join(f"{m:>8}" for m in read_as) + f"{'objects':>9}")
+    for prompted in MOTIONS:
+        row = table.get(prompted, {})
+        total = sum(row.values())
+        if total:
+            print(f"{prompted:<9}" + "".join(f"{100 * row.get(m, 0) / total:>7.0f}%" for m in read_as) + f"{total:>9}")
 
 
 def main(argv=None):
@@ -26,6 +39,7 @@ def main(argv=None):
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--motions", action="store_true", help="also print each split's motion confusion table")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -39,6 +53,9 @@ def main(argv=None):
     for r in results:
         cells = "".join(f"{'-' if r[c] is None else f'{100 * r[c]:.1f}%':>11}" for c in COLUMNS)
         print(f"{r['split']:<8}{cells}{r['flicker']:>9.4f}{r['n_clips']:>7}{r['seconds']:>9.1f}")
+    if args.motions:
+        for r in results:
+            print_motion_confusion(r["split"], r["motion_confusion"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from t2v.data import ClipSpec, ObjectSpec, render, sample_specs
-from t2v.eval import clip_frames, read_clip, score_clip, score_suite
+from t2v.eval import clip_frames, motion_confusion, read_clip, score_clip, score_suite
 
 
 def _generator(seed):
@@ -23,6 +23,16 @@ def test_ground_truth_scores_near_perfect():
     for attribute in ("colour", "shape", "motion", "speed", "background", "count", "all"):
         assert summary[attribute] >= 0.98, (attribute, summary[attribute])
     assert summary["flicker"] < 0.01
+
+
+def test_motion_confusion_counts_what_was_read_for_each_prompted_motion():
+    right = ClipSpec((ObjectSpec("red", "square", "right", "fast"),), "black")
+    grow = ClipSpec((ObjectSpec("blue", "circle", "grow", "fast"),), "white")
+    videos = render([right, right, grow], generator=_generator(3))
+    # Told "left" for a clip that goes right, and "green" for one with no green object.
+    told = [right, dataclasses.replace(right, objects=(dataclasses.replace(right.objects[0], motion="left"),)),
+            dataclasses.replace(grow, objects=(dataclasses.replace(grow.objects[0], colour="green"),))]
+    assert motion_confusion(videos, told) == {"right": {"right": 1}, "left": {"right": 1}, "grow": {"missing": 1}}
 
 
 def test_reading_names_every_attribute():

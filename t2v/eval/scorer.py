@@ -305,3 +305,22 @@ def score_suite(videos, specs_or_captions) -> dict:
     summary["n_clips"] = len(per_clip)
     summary["per_clip"] = per_clip
     return summary
+
+
+def motion_confusion(videos, specs_or_captions) -> dict[str, dict[str, int]]:
+    """{prompted motion: {motion the scorer read: objects}} over every object that states a motion.
+
+    An object the scorer does not find (by colour) is read as "missing". Which motions a model gets right, and what
+    it makes instead, is what the single motion accuracy hides.
+    """
+    table: dict[str, dict[str, int]] = {}
+    for video, target in zip(videos, specs_or_captions):
+        reading = read_clip(video)
+        for obj in _as_target(target).objects:
+            if obj.motion is None or obj.colour is None:
+                continue
+            found = reading.find(obj.colour)
+            read = found.motion if found is not None else "missing"
+            row = table.setdefault(obj.motion, {})
+            row[read] = row.get(read, 0) + 1
+    return table
