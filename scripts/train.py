@@ -36,6 +36,9 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         guider=ClassifierFreeGuidance(guidance_scale=5.0),
     )
+    # The configs name the exported pipeline, not the training folder the weights were read from.
+    for model in (pipe.text_encoder, pipe.transformer):
+        model.register_to_config(_name_or_path=destination.name)
     pipe.to(getattr(torch, dtype))
     pipe.save_pretrained(destination, max_shard_size=shard)
     print(f"exported pipeline to {destination}")
