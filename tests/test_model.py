@@ -49,6 +49,33 @@ def test_absolute_positions_start_neutral_and_can_be_added_to_trained_weights(tm
             reference = with_positions(x, t, text).sample
 
 
+def test_frame_modulation_starts_neutral_and_modulates_each_frame_on_its_own(tmp_path):
+    from t2v.training.trainer import build_models
+
+    plain = randomised(VideoDiT(**TINY_DIT)).eval()
+    plain.save_pretrained(tmp_path / "transformer")
+    TextEncoder(vocab=vocabulary(), **TINY_TEXT).save_pretrained(tmp_path / "text_encoder")
+    _, framed = build_models(TrainConfig(init_from=str(tmp_path), transformer={"frame_modulation": True}))
+    framed.eval()
+    assert framed.frame_modulation_embedding.shape == (8, 24)
+    x, t, text = torch.randn(2, 3, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        reference = plain(x, t, text).sample
+        torch.testing.assert_close(framed(x, t, text).sample, reference, rtol=1e-5, atol=1e-6)  # same function
+        # A frame's own term reaches its tokens through the output modulation even with every block closed.
+        for block in framed.blocks:
+            block.scale_shift_table[:, 2].zero_()
+            block.scale_shift_table[:, 5].zero_()
+        framed.time_modulation[1].weight.zero_()
+        framed.time_modulation[1].bias.zero_()
+        closed = framed(x, t, text).sample
+        framed.frame_modulation_embedding[2].normal_()
+        changed = (framed(x, t, text).sample - closed).abs().amax(dim=(0, 1, 3, 4))
+    assert changed[2] > 1e-3 and changed[[0, 1, 3]].max() == 0
+    low = framed.to(torch.bfloat16)(x.bfloat16(), t, text.bfloat16()).sample
+    assert low.dtype == torch.bfloat16 and low.shape == x.shape
+
+
 @pytest.mark.parametrize("frames,height,width", [(4, 15, 16), (9, 16, 16), (4, 16, 20), (0, 16, 16)])
 def test_video_dit_rejects_shapes_it_cannot_take(frames, height, width):
     model = VideoDiT(**TINY_DIT)

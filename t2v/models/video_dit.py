@@ -50,6 +50,7 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         sample_width: int = 32,
         eps: float = 1e-6,
         absolute_positions: bool = False,
+        frame_modulation: bool = False,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -61,6 +62,11 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             self.frame_embedding = nn.Parameter(torch.zeros(max_frames // patch_size[0], inner_dim))
             self.row_embedding = nn.Parameter(torch.zeros(max_height // patch_size[1], inner_dim))
             self.column_embedding = nn.Parameter(torch.zeros(max_width // patch_size[2], inner_dim))
+        if frame_modulation:
+            # A per-frame term in the conditioning vector, so each frame gets its own AdaLN modulation (as Wan 2.2
+            # modulates per token): "moves left" and the frame number meet in the modulation MLP, which is what
+            # the direction of a motion needs. Zero at first, like the absolute positions.
+            self.frame_modulation_embedding = nn.Parameter(torch.zeros(max_frames // patch_size[0], inner_dim))
         max_positions = max(max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, max_positions)
         # Wan builds its rotary tables in float64, which promotes q and k to float64 in every attention call.
@@ -96,6 +102,12 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
                 block.scale_shift_table[:, 5].zero_()
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+
+    @staticmethod
+    def _per_token(per_frame: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+        """(B, frames, ...) -> (B, frames * tokens_per_frame, ...), frame-major like the token sequence."""
+        expanded = per_frame[:, :, None].expand(-1, -1, tokens_per_frame, *per_frame.shape[2:])
+        return expanded.flatten(1, 2)
 
     def supported_shapes(self) -> str:
         c = self.config
@@ -150,8 +162,13 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         time_freqs = self.time_proj(timestep).to(self.time_embedding.linear_1.weight.dtype)
         # The conditioning vector is kept in float32 for the modulation's add; its linear layers take their own dtype.
         temb = self.time_embedding(time_freqs).float() + self.pooled_text_embedding(pooled_text).float()
+        tokens_per_frame = (height // ph) * (width // pw)
+        if self.config.frame_modulation:
+            temb = temb[:, None] + self.frame_modulation_embedding[: frames // pt].float()  # (B, frames, D)
         modulation_dtype = self.time_modulation[1].weight.dtype
-        block_modulation = self.time_modulation(temb.to(modulation_dtype)).unflatten(1, (6, -1))
+        block_modulation = self.time_modulation(temb.to(modulation_dtype)).unflatten(-1, (6, -1))
+        if self.config.frame_modulation:  # the blocks take per-token modulation as (B, tokens, 6, D)
+            block_modulation = self._per_token(block_modulation, tokens_per_frame)
         # Padding tokens are zeroed (as Wan zero-pads its text), so the blocks' cross-attention needs no mask.
         context = self.text_projection(encoder_hidden_states) * text_mask
 
@@ -161,7 +178,11 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             else:
                 tokens = block(tokens, context, block_modulation, rotary_emb)
 
-        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        if self.config.frame_modulation:
+            shift_scale = self.scale_shift_table[:, None] + temb[:, :, None]  # (B, frames, 2, D)
+            shift, scale = self._per_token(shift_scale, tokens_per_frame).unbind(2)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         patches = self.proj_out(tokens)
 
