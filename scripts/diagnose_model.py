@@ -1,11 +1,17 @@
 """Two probes of a text-to-video model of this project (default: the embedded one).
 
     python scripts/diagnose_model.py words      # how much one caption word moves the prediction
+    python scripts/diagnose_model.py reversal   # whether the model reads which way a motion goes
     python scripts/diagnose_model.py precision  # how far float32 and bfloat16 sampling drift apart
 
 `words`: from the same noise, the model's predicted clean clip (x - t * velocity) for two captions that differ in
 one word, as the relative norm of the difference, at several noise levels. A word the model has learned to follow
 moves the prediction; one it ignores does not.
+
+`reversal`: training-world clips whose motion has a direction (left, right, up, down, grow, shrink), noised to
+several times; the model's velocity error with the true caption and with the motion reversed (left for right, grow
+for shrink: the clip played backwards). A model that reads the direction predicts worse from the reversed caption;
+one that knows only the axis of a motion predicts equally well from both.
 
 `precision`: the held-out suite generated in float32 and in bfloat16 with the same seeds, and the PSNR of each pair:
 the yardstick for PSNR against dense attention (a method cannot be judged closer than rounding allows).
@@ -47,6 +53,44 @@ def word_sensitivity(pipe, times=(0.95, 0.8, 0.5), clips: int = 4, seed: int = 0
     return changes
 
 
+REVERSED_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow"}
+
+
+def reversal_losses(pipe, times=(0.95, 0.8, 0.5), clips: int = 64, seed: int = 0,
+                    batch_size: int = 32) -> dict[float, tuple[float, float]]:
+    """{t: (velocity MSE with the true caption, with the motion reversed)} over one-object clips that have a direction."""
+    import dataclasses
+
+    from t2v.data import canonical_caption, render, sample_specs
+
+    transformer = pipe.transformer
+    c = transformer.config
+    generator = torch.Generator().manual_seed(seed)
+    specs = [s for s in sample_specs(clips * 4, generator, "train", two_object_prob=0.0)
+             if s.objects[0].motion in REVERSED_MOTION][:clips]
+    reversed_specs = [dataclasses.replace(s, objects=(dataclasses.replace(
+        s.objects[0], motion=REVERSED_MOTION[s.objects[0].motion]),)) for s in specs]
+    videos = render(specs, c.sample_frames, c.sample_height, c.sample_width, generator=generator)
+    noise = torch.randn(videos.shape, generator=generator)
+    device, dtype = pipe._execution_device, transformer.dtype
+    losses = {}
+    with torch.no_grad():
+        for t in times:
+            totals = [0.0, 0.0]
+            for start in range(0, len(specs), batch_size):
+                x = videos[start:start + batch_size].to(device, dtype)
+                eps = noise[start:start + batch_size].to(device, dtype)
+                noisy, target = (1 - t) * x + t * eps, (eps - x).float()
+                timestep = torch.full((len(x),), 1000.0 * t, device=device)
+                for i, chosen in enumerate((specs, reversed_specs)):
+                    captions = [canonical_caption(s) for s in chosen[start:start + batch_size]]
+                    text, mask = pipe.encode_prompt(captions, 1, device)
+                    velocity = transformer(noisy, timestep, text, mask).sample.float()
+                    totals[i] += float(((velocity - target) ** 2).mean()) * len(x)
+            losses[t] = (totals[0] / len(specs), totals[1] / len(specs))
+    return losses
+
+
 def precision_drift(model, device, prompts: int, seeds: int, steps: int, batch_size: int) -> list[float]:
     from pipelines import load_pipeline
     from t2v.eval.suite import generate_suite, psnr
@@ -61,13 +105,14 @@ def precision_drift(model, device, prompts: int, seeds: int, steps: int, batch_s
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["words", "precision"])
+    parser.add_argument("probe", choices=["words", "reversal", "precision"])
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--prompts", type=int, default=8, help="precision: held-out prompts")
     parser.add_argument("--seeds", type=int, default=2, help="precision: seeds per prompt")
     parser.add_argument("--steps", type=int, default=20, help="precision: denoising steps")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--clips", type=int, default=64, help="reversal: clips with a directed motion")
     args = parser.parse_args(argv)
 
     if args.probe == "words":
@@ -79,6 +124,13 @@ def main(argv=None):
               + " / ".join(str(t) for t in times))
         for name, values in word_sensitivity(pipe, times).items():
             print(f"  {name:<10}" + " / ".join(f"{100 * v:.1f}%" for v in values))
+    elif args.probe == "reversal":
+        from pipelines import load_pipeline
+
+        pipe = load_pipeline(args.model, device=args.device)
+        print(f"velocity MSE over {args.clips} clips with a directed motion: true caption / motion reversed")
+        for t, (true, reversed_) in reversal_losses(pipe, clips=args.clips, batch_size=args.batch_size).items():
+            print(f"  t = {t:<5}{true:.5f} / {reversed_:.5f}  ({100 * (reversed_ / true - 1):+.1f}%)")
     else:
         values = precision_drift(args.model, args.device, args.prompts, args.seeds, args.steps, args.batch_size)
         print(f"PSNR float32 vs bfloat16, {len(values)} clips: mean {np.mean(values):.1f} dB, "

@@ -186,7 +186,7 @@ def test_export_video(tmp_path):
         export_video(frames, tmp_path / "a-file" / "clip.mp4")
 
 
-def test_word_probe_sees_the_words_a_model_reads(pipe, monkeypatch):
+def _diagnose_script():
     import importlib.util
     from pathlib import Path
 
@@ -194,6 +194,20 @@ def test_word_probe_sees_the_words_a_model_reads(pipe, monkeypatch):
     spec = importlib.util.spec_from_file_location("diagnose_model_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_reversal_probe_compares_true_and_reversed_captions_on_the_same_noisy_clips(pipe, monkeypatch):
+    script = _diagnose_script()
+    losses = script.reversal_losses(pipe, times=(0.9, 0.3), clips=6, batch_size=4)
+    assert set(losses) == {0.9, 0.3}
+    assert all(0 < true != reversed_ for true, reversed_ in losses.values())  # the tiny model reads its text
+    monkeypatch.setattr(script, "REVERSED_MOTION", {m: m for m in script.REVERSED_MOTION})
+    assert all(true == same for true, same in script.reversal_losses(pipe, times=(0.9,), clips=6).values())
+
+
+def test_word_probe_sees_the_words_a_model_reads(pipe, monkeypatch):
+    script = _diagnose_script()
     monkeypatch.setattr(script, "WORD_PAIRS", {"colour": (PROMPT, PROMPT.replace("red", "blue")),
                                                "none": (PROMPT, PROMPT)})
     changes = script.word_sensitivity(pipe, times=(0.9, 0.5), clips=2)
