@@ -74,7 +74,9 @@ def bind_method(name: str, options: dict, num_layers: int) -> list[LayerMethod]:
         for i in range(num_layers):
             instance = method(**options, **({"layer_index": i} if takes_layer else {}))
             reset = getattr(instance, "reset", None)
-            layers.append(LayerMethod(instance, {}, "step" in call_params, reset if callable(reset) else None))
+            # An instance may say it has no use for the step this time (`uses_step = False`).
+            takes_step = "step" in call_params and getattr(instance, "uses_step", True)
+            layers.append(LayerMethod(instance, {}, takes_step, reset if callable(reset) else None))
         return layers
     params, var_keyword = _parameters(method, 4, f"attention method {name!r}")
     _check_options(name, options, params, var_keyword)

@@ -34,3 +34,38 @@ def test_selection_rules():
     assert keep_cumulative(scores, 0.5).tolist() == [[False, True, False, False]]
     assert keep_cumulative(scores, 0.55).sum().item() == 2
     assert keep_cumulative(scores, 1.0).all()
+
+
+class RandomBlocks(BlockSparseMethod):
+    """Keeps a fresh random half of the blocks at every selection (the diagonal always), and counts selections."""
+
+    selections = 0
+
+    def select(self, q, k, v, layout):
+        type(self).selections += 1
+        nq, nk = -(-q.shape[2] // self.block_size), -(-k.shape[2] // self.block_size)
+        mask = torch.rand(q.shape[0], q.shape[1], nq, nk) < 0.5
+        return Selection(mask | torch.eye(nq, nk, dtype=torch.bool))
+
+
+def test_select_every_reuses_each_calls_selection_within_the_interval():
+    layout = VideoLayout(grid=(3, 5, 7), block_size=16)
+    q, k, v = (torch.randn(2, 3, 105, 8) for _ in range(3))
+    method = RandomBlocks(block_size=16, select_every=3)
+    assert method.uses_step and not RandomBlocks(block_size=16).uses_step
+    masks = {}
+    for step in range(7):
+        for call in range(2):  # two model calls a step, as with classifier-free guidance
+            method._selection(q, k, v, layout, step)
+            masks[step, call] = method._reused[call][1].block_mask
+    assert RandomBlocks.selections == 2 * 3  # steps 0, 3 and 6, each call its own
+    for step in range(7):
+        for call in range(2):
+            assert torch.equal(masks[step, call], masks[step - step % 3, call])
+    assert not torch.equal(masks[0, 0], masks[0, 1]) and not torch.equal(masks[0, 0], masks[3, 0])
+    # A different token count is a different layout: selected afresh at once.
+    method._selection(q[:, :, :90], k[:, :, :90], v[:, :, :90], VideoLayout(grid=(3, 5, 6), block_size=16), 7)
+    assert RandomBlocks.selections == 7
+    method.reset()
+    method._selection(q, k, v, layout, 8)
+    assert RandomBlocks.selections == 8

@@ -161,3 +161,18 @@ def test_apply_runs_on_the_adapters(family):
     attention.apply(model, "xattention", threshold=1.0, block_size=16)
     torch.testing.assert_close(run(), dense, atol=1e-5, rtol=1e-5)
     attention.remove(model)
+
+
+def test_select_every_gets_the_denoising_step_through_the_adapter(monkeypatch):
+    model = tiny_models()["video-dit"]
+    latents, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    selections = []
+    original = XAttention.select
+    monkeypatch.setattr(XAttention, "select", lambda self, *a: selections.append(1) or original(self, *a))
+    attention.apply(model, "xattention", sparsity=0.5, stride=4, block_size=16, select_every=2)
+    with torch.no_grad():
+        for t in (900.0, 700.0, 500.0):  # three denoising steps, two calls each (with and without text)
+            for context in (text, torch.zeros_like(text)):
+                model(latents, torch.tensor([t]), context)
+    assert len(selections) == 2 * 2 * 2  # 2 layers x 2 calls x steps 0 and 2
+    attention.remove(model)

@@ -47,6 +47,7 @@ class SparseOptions:
     block_size: tokens per query/key block; the layout picks a 3D tile of this many tokens where the grid allows.
     sparsity: target fraction of key blocks skipped (0.75 keeps a quarter of the blocks).
     threshold: method-specific alternative to `sparsity`, e.g. the cumulative attention score a query block keeps.
+    select_every: block-sparse methods select every this many denoising steps and reuse the selection in between.
     """
 
     dense_warmup_steps: int = 0
@@ -54,6 +55,7 @@ class SparseOptions:
     block_size: int = 64
     sparsity: float | None = None
     threshold: float | None = None
+    select_every: int = 1
 
 
 # The options the adapter consumes rather than passing on to the method.

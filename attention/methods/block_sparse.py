@@ -78,6 +78,7 @@ class BlockSparseMethod:
     """Base class: subclasses implement `select(q, k, v, layout) -> Selection` on tiled (B, H, N, D) tensors.
 
     A method takes a sparsity or a threshold, not both; given neither, it uses its class's defaults.
+    select_every: make a new selection every this many denoising steps and reuse it in between (1: every step).
     """
 
     name = "block-sparse"
@@ -85,7 +86,7 @@ class BlockSparseMethod:
     default_threshold: float | None = None
 
     def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, select_every: int = 1):
         if sparsity is not None and threshold is not None:
             raise ValueError(f"{self.name} takes threshold or sparsity, not both")
         if sparsity is None and threshold is None:
@@ -94,15 +95,42 @@ class BlockSparseMethod:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if int(select_every) != select_every or select_every < 1:
+            raise ValueError(f"select_every must be a positive integer, got {select_every}")
         self.block_size = int(block_size)
         self.sparsity = sparsity
         self.threshold = threshold
+        self.select_every = int(select_every)
+        # Only a method that reuses selections needs the denoising step (a changing argument would make compiled
+        # code specialise on it).
+        self.uses_step = self.select_every > 1
         self.reset()
 
     def reset(self) -> None:
         # Tallies stay on the device (no sync in the hot path); `density()` reads them.
         self.kept_blocks = torch.zeros(())
         self.total_blocks = torch.zeros(())
+        self._reused: dict[int, tuple[int, Selection]] = {}  # call within a step -> (step selected at, selection)
+        self._last_step, self._call_in_step = None, 0
+
+    def _selection(self, q, k, v, layout: VideoLayout, step: int | None) -> Selection:
+        """`select`, or with select_every > 1 the selection made at most select_every - 1 steps ago.
+
+        Each call of a step keeps its own selection (classifier-free guidance calls the model twice a step, with
+        and without the text). Pooled entries are reused with the mask: they stand for the skipped blocks as they
+        were when selected."""
+        if self.select_every == 1 or step is None:
+            return self.select(q, k, v, layout)
+        self._call_in_step = self._call_in_step + 1 if step == self._last_step else 0
+        self._last_step = step
+        made = self._reused.get(self._call_in_step)
+        blocks = (-(-q.shape[2] // self.block_size), -(-k.shape[2] // self.block_size))
+        if (made is not None and 0 <= step - made[0] < self.select_every
+                and made[1].block_mask.shape == (*q.shape[:2], *blocks)):
+            return made[1]
+        selection = self.select(q, k, v, layout)
+        self._reused[self._call_in_step] = (step, selection)
+        return selection
 
     def density(self) -> float:
         """Share of (query block, key block) pairs computed since the last reset."""
@@ -112,9 +140,10 @@ class BlockSparseMethod:
     def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:
         raise NotImplementedError
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout,
+                 step: int | None = None) -> torch.Tensor:
         q, k, v = layout.to_tiles(q), layout.to_tiles(k), layout.to_tiles(v)
-        selection = self.select(q, k, v, layout)
+        selection = self._selection(q, k, v, layout, step)
         mask = selection.block_mask
         self.kept_blocks = self.kept_blocks.to(mask.device) + mask.sum()
         self.total_blocks = self.total_blocks.to(mask.device) + mask.numel()

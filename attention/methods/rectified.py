@@ -108,8 +108,8 @@ class RectifiedSparseAttention(BlockSparseMethod):
     default_sparsity = DEFAULT_SPARSITY
 
     def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
-                 threshold: float | None = None, rectify: bool = True):
-        super().__init__(block_size, sparsity, threshold)
+                 threshold: float | None = None, rectify: bool = True, select_every: int = 1):
+        super().__init__(block_size, sparsity, threshold, select_every)
         self.rectify = bool(rectify)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:

@@ -129,8 +129,8 @@ class VMoBAMethod(BlockSparseMethod):
     default_threshold = DEFAULT_THRESHOLD
 
     def __init__(self, layer_index: int = 0, block_size: int = 64, threshold: float | None = None,
-                 sparsity: float | None = None):
-        super().__init__(block_size=block_size, sparsity=sparsity, threshold=threshold)
+                 sparsity: float | None = None, select_every: int = 1):
+        super().__init__(block_size=block_size, sparsity=sparsity, threshold=threshold, select_every=select_every)
         # Reduced here so compiled code only ever sees three variants.
         self.partition = int(layer_index) % len(PARTITIONS)
 
@@ -140,8 +140,9 @@ class VMoBAMethod(BlockSparseMethod):
         tiled.tile_permutation(device)
         chunk_of_block(tiled, self.partition, device)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
-        return super().__call__(q, k, v, partition_layout(layout.grid, self.block_size, self.partition))
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout,
+                 step: int | None = None) -> torch.Tensor:
+        return super().__call__(q, k, v, partition_layout(layout.grid, self.block_size, self.partition), step)
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:

@@ -35,12 +35,12 @@ class XAttention(BlockSparseMethod):
     default_threshold = DEFAULT_THRESHOLD
 
     def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
-                 threshold: float | None = None, stride: int = DEFAULT_STRIDE):
+                 threshold: float | None = None, stride: int = DEFAULT_STRIDE, select_every: int = 1):
         if int(stride) != stride or stride < 1:
             raise ValueError(f"stride must be a positive integer, got {stride}")
         if int(block_size) % int(stride):
             raise ValueError(f"block_size {block_size} must be a multiple of the stride {stride}")
-        super().__init__(block_size, sparsity, threshold)
+        super().__init__(block_size, sparsity, threshold, select_every)
         self.stride = int(stride)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:
