@@ -36,12 +36,11 @@ SETTINGS = {
 DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}
 
 
-def directed_motion(clips, specs) -> tuple[float | None, float | None, int, int]:
+def directed_motion(clips, specs, readings) -> tuple[float | None, float | None, int, int]:
     """Mean travel in pixels along the prompted direction and in any direction (None if no object), objects measured,
-    objects not found."""
+    objects not found; `readings` are the clips' ClipReadings."""
     travels, distances, missing = [], [], 0
-    for clip, spec in zip(clips, specs):
-        reading = read_clip(clip)
+    for clip, spec, reading in zip(clips, specs, readings):
         height, width = clip.shape[1:3]
         for obj in spec.objects:
             if obj.motion not in LINEAR_MOTIONS:
@@ -71,8 +70,9 @@ def evaluate(pipe, guidance, args) -> dict:
                                      num_inference_steps=args.steps, guidance=guidance,
                                      guidance_scale=args.guidance_scale)
     seconds = time.perf_counter() - started
-    scores = score_suite(list(clips), specs)
-    motion, distance, measured, missing = directed_motion(clips, specs)
+    readings = [read_clip(clip) for clip in clips]  # read once for the scores and the motion measures
+    scores = score_suite(list(clips), specs, readings)
+    motion, distance, measured, missing = directed_motion(clips, specs, readings)
     return {
         "flicker": scores["flicker"], "motion_px": motion, "travel_px": distance, "motion_objects": measured,
         "motion_missing": missing,

@@ -33,6 +33,11 @@ def test_motion_confusion_counts_what_was_read_for_each_prompted_motion():
     told = [right, dataclasses.replace(right, objects=(dataclasses.replace(right.objects[0], motion="left"),)),
             dataclasses.replace(grow, objects=(dataclasses.replace(grow.objects[0], colour="green"),))]
     assert motion_confusion(videos, told) == {"right": {"right": 1}, "left": {"right": 1}, "grow": {"missing": 1}}
+    # Readings made once serve both summaries, with the same results as reading the clips again.
+    readings = [read_clip(video) for video in videos]
+    assert motion_confusion(videos, told, readings) == motion_confusion(videos, told)
+    with_readings, without = score_suite(videos, told, readings), score_suite(videos, told)
+    assert with_readings == without and with_readings["motion"] == 1 / 3
 
 
 def test_reading_names_every_attribute():

@@ -281,20 +281,22 @@ def score_clip(video, spec_or_caption, reading: ClipReading | None = None) -> di
     return result
 
 
-def score_suite(videos, specs_or_captions) -> dict:
+def score_suite(videos, specs_or_captions, readings=None) -> dict:
     """Accuracy per attribute over many clips.
 
     ``videos``: a (B, 3, T, H, W) batch in [-1, 1] or a sequence of clips in any
-    accepted form. Returns accuracy per attribute (over the clips that state
-    it; None if none do), ``all``, mean ``flicker``, ``n_clips`` and
-    ``per_clip`` (the verdict dicts without readings).
+    accepted form; ``readings``: their ClipReadings when already read. Returns
+    accuracy per attribute (over the clips that state it; None if none do),
+    ``all``, mean ``flicker``, ``n_clips`` and ``per_clip`` (the verdict dicts
+    without readings).
     """
     targets = list(specs_or_captions)
     if len(videos) != len(targets):
         raise ValueError(f"{len(videos)} videos but {len(targets)} specs or captions")
+    readings = readings if readings is not None else [None] * len(targets)
     per_clip, flickers = [], []
-    for video, target in zip(videos, targets):
-        result = score_clip(video, target)
+    for video, target, reading in zip(videos, targets, readings):
+        result = score_clip(video, target, reading)
         flickers.append(result.pop("reading").flicker)
         per_clip.append(result)
     summary: dict = {}
@@ -307,15 +309,16 @@ def score_suite(videos, specs_or_captions) -> dict:
     return summary
 
 
-def motion_confusion(videos, specs_or_captions) -> dict[str, dict[str, int]]:
+def motion_confusion(videos, specs_or_captions, readings=None) -> dict[str, dict[str, int]]:
     """{prompted motion: {motion the scorer read: objects}} over every object that states a motion.
 
     An object the scorer does not find (by colour) is read as "missing". Which motions a model gets right, and what
-    it makes instead, is what the single motion accuracy hides.
+    it makes instead, is what the single motion accuracy hides. ``readings``: the clips' ClipReadings if already read.
     """
+    targets = list(specs_or_captions)
+    readings = readings if readings is not None else [read_clip(video) for video in videos]
     table: dict[str, dict[str, int]] = {}
-    for video, target in zip(videos, specs_or_captions):
-        reading = read_clip(video)
+    for reading, target in zip(readings, targets):
         for obj in _as_target(target).objects:
             if obj.motion is None or obj.colour is None:
                 continue
