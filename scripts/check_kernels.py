@@ -129,6 +129,11 @@ def check_antidiagonal_scores(do_bench):
               flush=True)
 
 
+def finish():
+    print(f"\n{len(FAILS)} failure(s)" + (": " + ", ".join(FAILS) if FAILS else ""), flush=True)
+    sys.exit(1 if FAILS else 0)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
@@ -144,8 +149,7 @@ def main():
     if args.only == "antidiagonal":
         from triton.testing import do_bench
         check_antidiagonal_scores(do_bench)
-        print(f"\n{len(FAILS)} failure(s)" + (": " + ", ".join(FAILS) if FAILS else ""), flush=True)
-        sys.exit(1 if FAILS else 0)
+        finish()
 
     check("bf16 D128 N=M=1000 bs64 30% pooled empty", make_case(1, 3, 1000, 1000, 128, 64, 0.3, bf, True, 0.2))
     check("fp16 D64 N=M=1000 bs64 30% pooled empty", make_case(1, 3, 1000, 1000, 64, 64, 0.3, fp, True, 0.2))
@@ -226,9 +230,7 @@ def main():
     bwd = do_bench(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), return_mode="median")
     print(f"wan1.3b 15% default configs: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms", flush=True)
     check_antidiagonal_scores(do_bench)
-
-    print(f"\n{len(FAILS)} failure(s)" + (": " + ", ".join(FAILS) if FAILS else ""), flush=True)
-    sys.exit(1 if FAILS else 0)
+    finish()
 
 
 if __name__ == "__main__":

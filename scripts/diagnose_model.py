@@ -58,7 +58,7 @@ REVERSED_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up",
 
 def reversal_losses(pipe, times=(0.95, 0.8, 0.5), clips: int = 64, seed: int = 0,
                     batch_size: int = 32) -> dict[float, tuple[float, float]]:
-    """{t: (velocity MSE with the true caption, with the motion reversed)} over one-object clips that have a direction."""
+    """{t: (velocity MSE with the true caption, with the motion reversed)} over one-object clips with a direction."""
     import dataclasses
 
     from t2v.data import canonical_caption, render, sample_specs
@@ -73,22 +73,20 @@ def reversal_losses(pipe, times=(0.95, 0.8, 0.5), clips: int = 64, seed: int = 0
     videos = render(specs, c.sample_frames, c.sample_height, c.sample_width, generator=generator)
     noise = torch.randn(videos.shape, generator=generator)
     device, dtype = pipe._execution_device, transformer.dtype
-    losses = {}
+    totals = {t: [0.0, 0.0] for t in times}
     with torch.no_grad():
-        for t in times:
-            totals = [0.0, 0.0]
-            for start in range(0, len(specs), batch_size):
-                x = videos[start:start + batch_size].to(device, dtype)
-                eps = noise[start:start + batch_size].to(device, dtype)
+        for start in range(0, len(specs), batch_size):
+            x = videos[start:start + batch_size].to(device, dtype)
+            eps = noise[start:start + batch_size].to(device, dtype)
+            prompts = [pipe.encode_prompt([canonical_caption(s) for s in chosen[start:start + batch_size]], 1, device)
+                       for chosen in (specs, reversed_specs)]
+            for t in times:
                 noisy, target = (1 - t) * x + t * eps, (eps - x).float()
                 timestep = torch.full((len(x),), 1000.0 * t, device=device)
-                for i, chosen in enumerate((specs, reversed_specs)):
-                    captions = [canonical_caption(s) for s in chosen[start:start + batch_size]]
-                    text, mask = pipe.encode_prompt(captions, 1, device)
+                for i, (text, mask) in enumerate(prompts):
                     velocity = transformer(noisy, timestep, text, mask).sample.float()
-                    totals[i] += float(((velocity - target) ** 2).mean()) * len(x)
-            losses[t] = (totals[0] / len(specs), totals[1] / len(specs))
-    return losses
+                    totals[t][i] += float(((velocity - target) ** 2).mean()) * len(x)
+    return {t: (true / len(specs), reversed_ / len(specs)) for t, (true, reversed_) in totals.items()}
 
 
 def precision_drift(model, device, prompts: int, seeds: int, steps: int, batch_size: int) -> list[float]:

@@ -14,8 +14,8 @@ get from the query block's strided rows, normalised per query block:
 Cost at the Wan2.1-1.3B shape (N = 32760, 12 heads, stride 8): a (4095 x 1024) @ (1024 x 4095) matmul per head,
 then a softmax and a block sum over 4095^2 elements per head, kept in the input dtype (bfloat16 on GPU) with
 float32 accumulation: about 8 bytes of memory traffic per element, 1.6 GB per call. Stride 16 halves the matmul and
-quarters the elements. The Triton version (``triton_antidiagonal``) keeps the matmul and replaces the softmax and the block sums with one
-pass over the strided logits.
+quarters the elements. The Triton version (``triton_antidiagonal``) keeps the matmul and replaces the softmax and
+the block sums with one pass over the strided logits.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
     """(B, H, NQB, NKB) block scores, each row summing to 1 (see the module docstring)."""
     b, h, n, _ = q.shape
     nqb, nkb = -(-n // block_size), -(-k.shape[2] // block_size)
-    group = block_size // stride if block_size % stride == 0 else 1
+    group = block_size // stride
     row_ok = valid_rows(n, stride, nqb * group, q.device)
     scores = []
     for start, logits in strided_logit_chunks(q, k, block_size, stride, scale):

@@ -46,7 +46,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
     """(B, H, NQB, NKB) block scores, each row summing to 1; q, k (B, H, tokens, D) on CUDA."""
     b, h, n, _ = q.shape
     nkb = -(-k.shape[2] // block_size)
-    group = block_size // stride if block_size % stride == 0 else 1
+    group = block_size // stride
     chunks = []
     for start, logits in strided_logit_chunks(q, k, block_size, stride, scale):
         logits = logits.contiguous()

@@ -101,10 +101,13 @@ class BlockSparseMethod:
         self.sparsity = sparsity
         self.threshold = threshold
         self.select_every = int(select_every)
+        self.reset()
+
+    @property
+    def uses_step(self) -> bool:
         # Only a method that reuses selections needs the denoising step (a changing argument would make compiled
         # code specialise on it).
-        self.uses_step = self.select_every > 1
-        self.reset()
+        return self.select_every > 1
 
     def reset(self) -> None:
         # Tallies stay on the device (no sync in the hot path); `density()` reads them.

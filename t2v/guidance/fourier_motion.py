@@ -38,8 +38,8 @@ def map_energy(maps: torch.Tensor) -> torch.Tensor:
 class FourierMotionEnhancement(TemporalMapGuidance):
     """strength: beta - 1 (0: off; BroadWay's beta = 1.5 is 0.5). split: the lowest frequency, in cycles per clip,
     counted as high (1: every component but the mean; BroadWay's tau on F frames is split = F/2 - tau).
-    layers: the self-attention layers it acts in (default: the early ones after the first, 1 to 3 of 8). steps: the share of steps it acts
-    in, from the first (or step indices). sparse_calls: see `temporal_maps`."""
+    layers: the self-attention layers it acts in (default: the early ones after the first, 1 to 3 of 8).
+    steps: the share of steps it acts in, from the first (or step indices). sparse_calls: see `temporal_maps`."""
 
     name = "fourier-motion"
     order = 1  # after temporal self-guidance, whose loss of energy it makes up
