@@ -22,11 +22,28 @@ from pipelines.text_to_video import TextToVideoPipeline
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
-def available_models() -> dict[str, Path]:
-    """Models known by name: the one embedded in the package."""
-    from t2v import EMBEDDED_MODEL, default_model_path
+# A pipeline folder may name the attention its weights were trained with; loading installs it unless told otherwise.
+TRAINED_ATTENTION_FILE = "attention_config.json"
 
-    return {EMBEDDED_MODEL: default_model_path()}
+
+def available_models() -> dict[str, Path]:
+    """Models known by name: the one embedded in the package (first) and its variants."""
+    from t2v import EMBEDDED_MODEL, EMBEDDED_VARIANTS, embedded_model_path
+
+    names = (EMBEDDED_MODEL, *EMBEDDED_VARIANTS)
+    return {name: embedded_model_path(name) for name in names if embedded_model_path(name).is_dir()}
+
+
+def trained_attention(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(method, options) a pipeline folder's weights were fine-tuned with, or None for the model's own attention."""
+    config = Path(path) / TRAINED_ATTENTION_FILE
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+        return str(data["method"]), dict(data.get("options", {}))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot read {config}: {error}") from error
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
@@ -80,6 +97,8 @@ def load_pipeline(
     in `dtype` (default bfloat16 on CUDA, float32 elsewhere).
 
     attention: a registered attention method installed in every self-attention layer, with `attention_options`.
+        None installs the method a fine-tuned folder names in attention_config.json (the one its weights were
+        trained with), else leaves the model's own; "dense" is plain attention in every case.
     guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`.
     """
     import attention as attention_registry
@@ -107,6 +126,8 @@ def load_pipeline(
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe.to(device)
+    if attention is None and trained_attention(path) is not None:
+        attention, attention_options = trained_attention(path)
     if attention is not None:
         attention_registry.apply(pipe.transformer, attention, **attention_options)
     pipe.default_guidance = default_guidance

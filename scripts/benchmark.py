@@ -349,15 +349,21 @@ def run_model(args):
     originals = [m.processor for m in modules]
     tokens = math.prod(s // p for s, p in zip(latent_shape[2:], config["patch_size"]))
     info = dict(run_info(device), benchmark="model", compiled=args.compile, config=config, latents=latent_shape,
-                text_tokens=text_tokens, tokens=tokens, dtype=str(dtype), runs=args.runs, warmup=args.warmup)
+                text_tokens=text_tokens, tokens=tokens, dtype=str(dtype), runs=args.runs, warmup=args.warmup,
+                denoising_steps=args.denoising_steps)
     if args.compile:
         model.compile_repeated_blocks(fullgraph=True)
     print(f"model: {config['num_layers']} layers, {tokens} tokens, {dtype}, {info['device']}"
           f"{', regional compile' if args.compile else ''}", flush=True)
 
+    # With --denoising-steps N one timed call is a whole generation of N forwards at falling timesteps, so that
+    # work a method reuses across steps (select_every, dense warm-up steps) is timed as it amortises.
+    timesteps = torch.linspace(999.0, 1.0, args.denoising_steps, device=device)[:, None]
+
     def forward():
         with torch.no_grad(), cudnn_first():
-            model(latents, timestep, text, return_dict=False)
+            for step_timestep in (timesteps if args.denoising_steps > 1 else [timestep]):
+                model(latents, step_timestep, text, return_dict=False)
 
     def measure(row):
         if args.compile:
@@ -370,7 +376,7 @@ def run_model(args):
                 torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t0
             row["graphs"] = counters["stats"]["unique_graphs"] - graphs  # more than one: recompiles per layer
-        row["ms"] = median_ms(forward, args.runs, args.warmup, device)
+        row["ms"] = median_ms(forward, args.runs, args.warmup, device) / args.denoising_steps
         if args.compile:
             row["compile_s"] = row["first_call_s"] - row["ms"] / 1e3
 
@@ -407,7 +413,8 @@ def run_model(args):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\nOne forward, {tokens} tokens, {dtype}, median of {args.runs} ({info['device']}, {info['date']}, "
+    per = f"one forward of a {args.denoising_steps}-step generation" if args.denoising_steps > 1 else "One forward"
+    print(f"\n{per}, {tokens} tokens, {dtype}, median of {args.runs} ({info['device']}, {info['date']}, "
           f"torch {info['torch']}{', compiled' if args.compile else ', eager'})")
     print(model_table(rows, args.compile))
 
@@ -428,6 +435,8 @@ def add_model_parser(sub):
     p.add_argument("--methods", nargs="*", type=parse_method_spec, default=[("all", {})],
                    help="method specs, e.g. dense vmoba:threshold=0.25 (default: all registered)")
     p.add_argument("--compile", action="store_true", help="regional compilation (compile_repeated_blocks)")
+    p.add_argument("--denoising-steps", type=int, default=1,
+                   help="time whole generations of this many steps, per forward (for select_every)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="a two-layer model on the CPU (checks the code, not speed)")

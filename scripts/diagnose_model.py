@@ -1,7 +1,8 @@
-"""Two probes of a text-to-video model of this project (default: the embedded one).
+"""Probes of a text-to-video model of this project (default: the embedded one).
 
     python scripts/diagnose_model.py words      # how much one caption word moves the prediction
     python scripts/diagnose_model.py reversal   # whether the model reads which way a motion goes
+    python scripts/diagnose_model.py layout     # whether near pure noise it lays a motion out the prompted way
     python scripts/diagnose_model.py precision  # how far float32 and bfloat16 sampling drift apart
 
 `words`: from the same noise, the model's predicted clean clip (x - t * velocity) for two captions that differ in
@@ -12,6 +13,12 @@ moves the prediction; one it ignores does not.
 several times; the model's velocity error with the true caption and with the motion reversed (left for right, grow
 for shrink: the clip played backwards). A model that reads the direction predicts worse from the reversed caption;
 one that knows only the axis of a motion predicts equally well from both.
+
+`layout`: from pure noise (and nearly pure noise), the model's predicted clean clip for a red circle on black moving
+each way, and how far the red mass's centre travels from the first frame to the last, in pixels along the motion's
+axis. Near pure noise the best prediction is the mean of all clips with that caption, whose centre travels the
+prompted way (objects stay in the picture, so one moving right starts on the left); a model that leaves the
+direction to the noise predicts about the same layout for every direction.
 
 `precision`: the held-out suite generated in float32 and in bfloat16 with the same seeds, and the PSNR of each pair:
 the yardstick for PSNR against dense attention (a method cannot be judged closer than rounding allows).
@@ -89,6 +96,57 @@ def reversal_losses(pipe, times=(0.95, 0.8, 0.5), clips: int = 64, seed: int = 0
     return {t: (true / len(specs), reversed_ / len(specs)) for t, (true, reversed_) in totals.items()}
 
 
+LAYOUT_CAPTIONS = {"left": "a red circle moves to the left on black", "right": "a red circle moves to the right on black",
+                   "up": "a red circle moves up on black", "down": "a red circle moves down on black"}
+
+
+def red_mass_travel(clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) travel in pixels of the red mass's centre from the first to the last frame of clips (B, 3, F, H, W)."""
+    mass = (clips[:, 0] - (clips[:, 1] + clips[:, 2]) / 2).clamp(min=0)  # red over black: 2 where red, 0 on black
+    total = mass.sum((-2, -1)).clamp(min=1e-6)  # (B, F)
+    ys = torch.arange(mass.shape[-2], dtype=mass.dtype, device=mass.device)
+    xs = torch.arange(mass.shape[-1], dtype=mass.dtype, device=mass.device)
+    centre_x = (mass.sum(-2) * xs).sum(-1) / total
+    centre_y = (mass.sum(-1) * ys).sum(-1) / total
+    return centre_x[:, -1] - centre_x[:, 0], centre_y[:, -1] - centre_y[:, 0]
+
+
+def world_layout_travel(clips: int = 512, seed: int = 0) -> dict[str, float]:
+    """{direction: travel of the mean of many world clips with that caption}: what a model should predict at t = 1."""
+    from t2v.data import ClipSpec, ObjectSpec, render
+
+    generator = torch.Generator().manual_seed(seed)
+    travel = {}
+    for direction in LAYOUT_CAPTIONS:
+        specs = [ClipSpec((ObjectSpec("red", "circle", direction, speed),), "black")
+                 for speed in ("slow", "fast") for _ in range(clips // 2)]
+        mean_clip = render(specs, generator=generator).mean(0, keepdim=True)
+        dx, dy = red_mass_travel(mean_clip)
+        travel[direction] = float(dx if direction in ("left", "right") else dy)
+    return travel
+
+
+def layout_travel(pipe, times=(1.0, 0.95), clips: int = 16, seed: int = 0) -> dict[str, list[float]]:
+    """{direction: [mean travel of the predicted clean clip along the direction's axis, at each time]}."""
+    transformer = pipe.transformer
+    c = transformer.config
+    shape = (clips, c.in_channels, c.sample_frames, c.sample_height, c.sample_width)
+    device, dtype = pipe._execution_device, transformer.dtype
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    travel = {}
+    with torch.no_grad():
+        for direction, caption in LAYOUT_CAPTIONS.items():
+            text, mask = pipe.encode_prompt([caption] * clips, 1, device)
+            travel[direction] = []
+            for t in times:
+                # The clean clip behind the noise only matters below t = 1; a black frame keeps it neutral.
+                noisy = (t * noise + (1 - t) * -1.0).to(dtype)
+                velocity = transformer(noisy, torch.full((clips,), 1000.0 * t, device=device), text, mask).sample
+                dx, dy = red_mass_travel((noisy - t * velocity).float())
+                travel[direction].append(float((dx if direction in ("left", "right") else dy).mean()))
+    return travel
+
+
 def precision_drift(model, device, prompts: int, seeds: int, steps: int, batch_size: int) -> list[float]:
     from pipelines import load_pipeline
     from t2v.eval.suite import generate_suite, psnr
@@ -103,7 +161,7 @@ def precision_drift(model, device, prompts: int, seeds: int, steps: int, batch_s
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["words", "reversal", "precision"])
+    parser.add_argument("probe", choices=["words", "reversal", "layout", "precision"])
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--prompts", type=int, default=8, help="precision: held-out prompts")
@@ -129,6 +187,17 @@ def main(argv=None):
         print(f"velocity MSE over {args.clips} clips with a directed motion: true caption / motion reversed")
         for t, (true, reversed_) in reversal_losses(pipe, clips=args.clips, batch_size=args.batch_size).items():
             print(f"  t = {t:<5}{true:.5f} / {reversed_:.5f}  ({100 * (reversed_ / true - 1):+.1f}%)")
+    elif args.probe == "layout":
+        from pipelines import load_pipeline
+
+        pipe = load_pipeline(args.model, device=args.device)
+        times = (1.0, 0.95)
+        print("travel (px) of the red mass's centre, first to last frame, of the predicted clean clip, along the "
+              "motion's axis (right and down positive), at t = " + " / ".join(str(t) for t in times))
+        world = world_layout_travel()
+        for direction, values in layout_travel(pipe, times).items():
+            print(f"  {direction:<6}" + " / ".join(f"{v:+.2f}" for v in values)
+                  + f"    (mean of world clips: {world[direction]:+.2f})")
     else:
         values = precision_drift(args.model, args.device, args.prompts, args.seeds, args.steps, args.batch_size)
         print(f"PSNR float32 vs bfloat16, {len(values)} clips: mean {np.mean(values):.1f} dB, "

@@ -10,6 +10,8 @@ seeds (clip i of every run starts from the same noise). Per setting: the density
 sparsity = 1 - density, the density counting warm-up steps and dense layers as dense (`effective_density`), scorer
 accuracy (`all` and per attribute) and its difference to dense in points, PSNR of each clip against the dense clip
 of the same seed (mean and min; identical clips count as 100 dB), and seconds (after a one-clip warm-up on GPU).
+`--sparse-model DIR` runs the settings on another pipeline (one fine-tuned with the method) against `--model`'s
+dense clips.
 `--method all` runs every registered method but dense, each with its settings in SWEEP_SETTINGS (or `--settings`),
 against one dense run.
 """
@@ -42,6 +44,9 @@ def build_parser():
     p.add_argument("--settings", nargs="*", default=None,
                    help='option sets "k=v,k=v" (default: SWEEP_SETTINGS for the method, else its own defaults)')
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--sparse-model", default=None,
+                   help="run the settings on this pipeline (e.g. one fine-tuned with the method), against --model's "
+                        "dense clips")
     p.add_argument("--split", default="heldout")
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--seeds", type=int, default=4)
@@ -97,6 +102,7 @@ def main(argv=None):
 
     runs = jobs(args)  # malformed settings fail here, before the model loads
     pipe = load_pipeline(args.model, device=args.device)
+    attention.remove(pipe.transformer)  # the reference is the model's own attention, even for a fine-tuned variant
     pipe.set_progress_bar_config(disable=True)
     device = pipe._execution_device
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
@@ -121,6 +127,10 @@ def main(argv=None):
     print(f"dense: all {100 * dense['all']:.1f}%  ({gen_s:.1f} s + {score_s:.1f} s scoring, "
           f"{dense['n_clips']} clips)", flush=True)
     write_json(args.json, info, rows)
+    if args.sparse_model:
+        info["sparse_model"] = args.sparse_model
+        pipe = load_pipeline(args.sparse_model, device=args.device)
+        pipe.set_progress_bar_config(disable=True)
     for name, options in runs:
         try:
             attention.apply(pipe.transformer, name, **options)

@@ -20,16 +20,20 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
     """Writes a diffusers pipeline folder (model_index.json and one subfolder per component).
 
     The scheduler's shift is the one the weights were trained with (train_config.json beside them; runs from
-    before the option drew unshifted times), so that sampling spends its steps where training put its times."""
+    before the option drew unshifted times), so that sampling spends its steps where training put its times.
+    Weights fine-tuned with a sparse attention method get an attention_config.json naming it, which `load_pipeline`
+    installs."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
 
     from pipelines import TextToVideoPipeline
+    from pipelines.loading import TRAINED_ATTENTION_FILE
     from t2v.models import TextEncoder, VideoDiT
     from t2v.training import TrainConfig
 
     config = weights.parent / "train_config.json"
-    shift = json.loads(config.read_text()).get("timestep_shift", 1.0) if config.exists() else TrainConfig.timestep_shift
+    trained = json.loads(config.read_text()) if config.exists() else {}
+    shift = trained.get("timestep_shift", 1.0) if config.exists() else TrainConfig.timestep_shift
     pipe = TextToVideoPipeline(
         text_encoder=TextEncoder.from_pretrained(weights / "text_encoder"),
         transformer=VideoDiT.from_pretrained(weights / "transformer"),
@@ -41,6 +45,9 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
         model.register_to_config(_name_or_path=destination.name)
     pipe.to(getattr(torch, dtype))
     pipe.save_pretrained(destination, max_shard_size=shard)
+    if trained.get("attention"):  # weights fine-tuned with a sparse method load with that method installed
+        (destination / TRAINED_ATTENTION_FILE).write_text(json.dumps(
+            {"method": trained["attention"], "options": trained.get("attention_options", {})}, indent=2) + "\n")
     print(f"exported pipeline to {destination}")
 
 

@@ -5,8 +5,14 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 EMBEDDED_MODEL = "t2v-tiny"
+# Variants of the embedded model that ship with it: the same model fine-tuned with a sparse attention method.
+EMBEDDED_VARIANTS = ("t2v-tiny-vmoba",)
 
 
 def default_model_path() -> Path:
     """Folder of the embedded model that ships inside the package."""
-    return Path(__file__).parent / "checkpoints" / EMBEDDED_MODEL
+    return embedded_model_path(EMBEDDED_MODEL)
+
+
+def embedded_model_path(name: str) -> Path:
+    return Path(__file__).parent / "checkpoints" / name

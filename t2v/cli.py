@@ -70,12 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_list(args) -> None:
     import attention
-    from pipelines import available_models
+    from pipelines.loading import available_models, trained_attention
+    from t2v import EMBEDDED_MODEL
     from t2v.guidance import available_guidance
 
     print("models:")
     for name, path in available_models().items():
-        print(f"  {name} (embedded, default)  {path}")
+        trained = trained_attention(path)
+        note = "embedded, default" if name == EMBEDDED_MODEL else f"fine-tuned with {trained[0]} {trained[1]}"
+        print(f"  {name} ({note})  {path}")
     print("attention methods:")
     for name in attention.available_methods():
         print(f"  {name}")

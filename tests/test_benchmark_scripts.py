@@ -73,6 +73,15 @@ def test_model_subcommand_on_a_tiny_wan(toy_method, tmp_path, capsys):
     assert "speedup" in printed and "no-such-method" in printed
 
 
+def test_model_subcommand_times_whole_generations_per_forward(toy_method, tmp_path):
+    out = tmp_path / "model.json"
+    benchmark.main(["model", "--tiny", "--runs", "1", "--warmup", "0", "--denoising-steps", "3", "--json", str(out),
+                    "--methods", f"{toy_method}:sparsity=0.5"])
+    data = json.loads(out.read_text())
+    assert data["denoising_steps"] == 3
+    assert all(row["ms"] > 0 for row in data["rows"])
+
+
 def test_methods_subcommand_on_a_tiny_grid(toy_method, tmp_path):
     out = tmp_path / "methods.json"
     benchmark.main(["methods", "--tiny", "--runs", "1", "--warmup", "0", "--json", str(out),
@@ -111,6 +120,21 @@ def test_sweep_dense_against_dense_and_a_method(toy_method, tmp_path, capsys):
     assert dense["density"] == 1.0 and dense["psnr_min"] > 60  # the same attention as the model's own
     assert toy["density"] == pytest.approx(0.5) and toy["sparsity"] == pytest.approx(0.5)
     assert "PSNR" in capsys.readouterr().out
+
+
+def test_sweep_runs_the_settings_on_another_pipeline_against_the_dense_clips(tmp_path):
+    out = tmp_path / "quality.json"
+    same_model = tmp_path / "same.json"
+    common = ["--method", "dense", "--prompts", "2", "--seeds", "1", "--steps", "2", "--frames", "4",
+              "--batch-size", "2", "--device", "cpu"]
+    sweep.main([*common, "--json", str(same_model)])
+    sweep.main([*common, "--sparse-model", "t2v-tiny-vmoba", "--json", str(out)])
+    data = json.loads(out.read_text())
+    _, dense_on_variant = data["rows"]
+    _, dense_on_model = json.loads(same_model.read_text())["rows"]
+    assert data["sparse_model"] == "t2v-tiny-vmoba" and dense_on_variant["n_clips"] == 2
+    # Dense attention on the fine-tuned weights: close to the model's clips but not the same ones.
+    assert 20 < dense_on_variant["psnr_mean"] < dense_on_model["psnr_mean"]
 
 
 def test_sweep_settings_and_effective_density():

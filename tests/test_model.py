@@ -31,18 +31,32 @@ def test_video_dit_runs_in_bfloat16_close_to_float32():
     assert ((low.float() - reference).norm() / reference.norm()) < 0.05
 
 
-def test_absolute_positions_start_neutral_and_can_be_added_to_trained_weights(tmp_path):
+def _grown_from_saved(trained: VideoDiT, tmp_path, **overrides) -> VideoDiT:
+    """`trained` saved, then loaded for training with config overrides that add zero-initialised parameters."""
     from t2v.training.trainer import build_models
 
-    plain = randomised(VideoDiT(**TINY_DIT)).eval()
-    plain.save_pretrained(tmp_path / "transformer")
+    trained.save_pretrained(tmp_path / "transformer")
     TextEncoder(vocab=vocabulary(), **TINY_TEXT).save_pretrained(tmp_path / "text_encoder")
-    _, with_positions = build_models(TrainConfig(init_from=str(tmp_path), transformer={"absolute_positions": True}))
+    return build_models(TrainConfig(init_from=str(tmp_path), transformer=overrides))[1].eval()
+
+
+def _close_every_block(model: VideoDiT) -> None:
+    """Gates and modulation to zero, so that a token's own conditioning reaches it only through the output."""
+    for block in model.blocks:
+        block.scale_shift_table[:, 2].zero_()
+        block.scale_shift_table[:, 5].zero_()
+    model.time_modulation[1].weight.zero_()
+    model.time_modulation[1].bias.zero_()
+
+
+def test_absolute_positions_start_neutral_and_can_be_added_to_trained_weights(tmp_path):
+    plain = randomised(VideoDiT(**TINY_DIT)).eval()
+    with_positions = _grown_from_saved(plain, tmp_path, absolute_positions=True)
     assert with_positions.config.absolute_positions and with_positions.frame_embedding.shape == (8, 24)
     x, t, text = torch.randn(2, 3, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 16)
     with torch.no_grad():
         reference = plain(x, t, text).sample
-        assert torch.equal(with_positions.eval()(x, t, text).sample, reference)  # zero at first: same function
+        assert torch.equal(with_positions(x, t, text).sample, reference)  # zero at first: same function
         for table in (with_positions.frame_embedding, with_positions.row_embedding, with_positions.column_embedding):
             table.normal_()
             assert (with_positions(x, t, text).sample - reference).abs().max() > 1e-3
@@ -50,29 +64,38 @@ def test_absolute_positions_start_neutral_and_can_be_added_to_trained_weights(tm
 
 
 def test_frame_modulation_starts_neutral_and_modulates_each_frame_on_its_own(tmp_path):
-    from t2v.training.trainer import build_models
-
     plain = randomised(VideoDiT(**TINY_DIT)).eval()
-    plain.save_pretrained(tmp_path / "transformer")
-    TextEncoder(vocab=vocabulary(), **TINY_TEXT).save_pretrained(tmp_path / "text_encoder")
-    _, framed = build_models(TrainConfig(init_from=str(tmp_path), transformer={"frame_modulation": True}))
-    framed.eval()
+    framed = _grown_from_saved(plain, tmp_path, frame_modulation=True)
     assert framed.frame_modulation_embedding.shape == (8, 24)
     x, t, text = torch.randn(2, 3, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 16)
     with torch.no_grad():
         reference = plain(x, t, text).sample
         torch.testing.assert_close(framed(x, t, text).sample, reference, rtol=1e-5, atol=1e-6)  # same function
-        # A frame's own term reaches its tokens through the output modulation even with every block closed.
-        for block in framed.blocks:
-            block.scale_shift_table[:, 2].zero_()
-            block.scale_shift_table[:, 5].zero_()
-        framed.time_modulation[1].weight.zero_()
-        framed.time_modulation[1].bias.zero_()
+        _close_every_block(framed)
         closed = framed(x, t, text).sample
         framed.frame_modulation_embedding[2].normal_()
         changed = (framed(x, t, text).sample - closed).abs().amax(dim=(0, 1, 3, 4))
     assert changed[2] > 1e-3 and changed[[0, 1, 3]].max() == 0
     low = framed.to(torch.bfloat16)(x.bfloat16(), t, text.bfloat16()).sample
+    assert low.dtype == torch.bfloat16 and low.shape == x.shape
+
+
+def test_position_modulation_starts_neutral_and_modulates_each_token_on_its_own(tmp_path):
+    framed = randomised(VideoDiT(**TINY_DIT, frame_modulation=True)).eval()
+    placed = _grown_from_saved(framed, tmp_path, position_modulation=True)
+    assert placed.row_modulation_embedding.shape == placed.column_modulation_embedding.shape == (4, 24)
+    x, t, text = torch.randn(2, 3, 4, 16, 12), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x, t, text).sample, framed(x, t, text).sample, rtol=1e-5, atol=1e-6)
+        _close_every_block(placed)
+        closed = placed(x, t, text).sample
+        placed.row_modulation_embedding[1].normal_()
+        placed.column_modulation_embedding[2].normal_()
+        changed = (placed(x, t, text).sample - closed).abs().amax(dim=(0, 1, 2))  # (height, width) in pixels
+    touched = torch.zeros(16, 12, dtype=torch.bool)
+    touched[4:8] = touched[:, 8:12] = True  # patch row 1 and patch column 2, 4 pixels a patch
+    assert changed[touched].min() > 1e-4 and changed[~touched].max() == 0
+    low = placed.to(torch.bfloat16)(x.bfloat16(), t, text.bfloat16()).sample
     assert low.dtype == torch.bfloat16 and low.shape == x.shape
 
 

@@ -153,6 +153,31 @@ def test_load_embedded_model():
     assert run(pipe, num_inference_steps=2).shape == (1, 16, 32, 32, 3)
 
 
+def test_a_fine_tuned_folder_loads_with_the_attention_it_was_trained_with(saved, tmp_path):
+    from pipelines import available_models
+    from pipelines.loading import TRAINED_ATTENTION_FILE, trained_attention
+
+    variant = tmp_path / "variant"
+    shutil.copytree(saved, variant)
+    (variant / TRAINED_ATTENTION_FILE).write_text(json.dumps({"method": "vmoba", "options": {"block_size": 16}}))
+    assert trained_attention(variant) == ("vmoba", {"block_size": 16}) and trained_attention(saved) is None
+    pipe = load_pipeline(variant, device="cpu")
+    state = attention.adapter_state(pipe.transformer)
+    assert state.method == "vmoba" and state.options["block_size"] == 16
+    assert attention.current_method(load_pipeline(variant, attention="dense").transformer) == "dense"
+    assert attention.current_method(load_pipeline(saved).transformer) is None  # plain folders: the model's own
+    (variant / TRAINED_ATTENTION_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read .*attention_config.json"):
+        load_pipeline(variant)
+    # The shipped variant names what it was fine-tuned with and runs end to end.
+    shipped = available_models()["t2v-tiny-vmoba"]
+    assert trained_attention(shipped)[0] == "vmoba"
+    tuned = load_pipeline("t2v-tiny-vmoba", device="cpu")
+    tuned.set_progress_bar_config(disable=True)
+    assert attention.current_method(tuned.transformer) == "vmoba"
+    assert run(tuned, num_inference_steps=2, num_frames=4).shape == (1, 4, 32, 32, 3)
+
+
 def test_missing_checkpoint_names_the_path(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="no-such-model.*expected a pipeline folder"):
@@ -204,6 +229,20 @@ def test_reversal_probe_compares_true_and_reversed_captions_on_the_same_noisy_cl
     assert all(0 < true != reversed_ for true, reversed_ in losses.values())  # the tiny model reads its text
     monkeypatch.setattr(script, "REVERSED_MOTION", {m: m for m in script.REVERSED_MOTION})
     assert all(true == same for true, same in script.reversal_losses(pipe, times=(0.9,), clips=6).values())
+
+
+def test_layout_probe_reads_travel_along_each_axis(pipe):
+    script = _diagnose_script()
+    clip = -torch.ones(1, 3, 4, 8, 10)  # black
+    for frame, (x, y) in enumerate([(1, 6), (3, 5), (5, 4), (7, 3)]):
+        clip[0, 0, frame, y, x] = 1.0  # a red pixel moving right and up
+    dx, dy = script.red_mass_travel(clip)
+    assert dx.item() == pytest.approx(6.0) and dy.item() == pytest.approx(-3.0)
+    world = script.world_layout_travel(clips=16)  # the world's objects go the way their captions say
+    assert world["right"] > 4 and world["left"] < -4 and world["down"] > 4 and world["up"] < -4
+    travel = script.layout_travel(pipe, times=(1.0, 0.9), clips=2)
+    assert set(travel) == {"left", "right", "up", "down"}
+    assert all(len(values) == 2 and all(np.isfinite(values)) for values in travel.values())
 
 
 def test_word_probe_sees_the_words_a_model_reads(pipe, monkeypatch):

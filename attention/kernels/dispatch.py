@@ -79,10 +79,10 @@ def dense_attention(q, k, v, scale=None, *, return_lse=True):
 def antidiagonal_block_scores(q, k, block_size, stride, scale=None):
     """XAttention's (B, H, NQB, NKB) block scores; see ``antidiagonal.antidiagonal_block_scores``.
 
-    The fused Triton reduction is used only when T2V_ANTIDIAGONAL_TRITON=1: it matches the reference under Triton's
-    interpreter but has not yet been checked and timed on a GPU (`scripts/check_kernels.py --only antidiagonal`).
+    On CUDA a Triton kernel fuses the softmax and block sums (checked and timed by `scripts/check_kernels.py --only
+    antidiagonal`); T2V_ANTIDIAGONAL_TRITON=0 keeps the PyTorch reduction, for comparisons.
     """
-    if q.is_cuda and os.environ.get("T2V_ANTIDIAGONAL_TRITON") == "1":
+    if q.is_cuda and os.environ.get("T2V_ANTIDIAGONAL_TRITON") != "0":
         try:
             from . import triton_antidiagonal
         except ImportError:

@@ -51,6 +51,7 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         eps: float = 1e-6,
         absolute_positions: bool = False,
         frame_modulation: bool = False,
+        position_modulation: bool = False,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -67,6 +68,12 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             # modulates per token): "moves left" and the frame number meet in the modulation MLP, which is what
             # the direction of a motion needs. Zero at first, like the absolute positions.
             self.frame_modulation_embedding = nn.Parameter(torch.zeros(max_frames // patch_size[0], inner_dim))
+        if position_modulation:
+            # Row and column terms as well, so each token gets its own modulation. Noise swamps position embeddings
+            # added to the tokens, but the modulation's shift is added after the normalisation, so near pure noise
+            # (where a clip's layout, and so a motion's direction, is decided) a token still knows where it is.
+            self.row_modulation_embedding = nn.Parameter(torch.zeros(max_height // patch_size[1], inner_dim))
+            self.column_modulation_embedding = nn.Parameter(torch.zeros(max_width // patch_size[2], inner_dim))
         max_positions = max(max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, max_positions)
         # Wan builds its rotary tables in float64, which promotes q and k to float64 in every attention call.
@@ -109,6 +116,17 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         expanded = per_frame[:, :, None].expand(-1, -1, tokens_per_frame, *per_frame.shape[2:])
         return expanded.flatten(1, 2)
 
+    def _modulation_positions(self, grid: tuple[int, int, int]) -> torch.Tensor | None:
+        """The conditioning's positional term: (frames, D) per frame, (frames * rows * columns, D) per token, or None."""
+        c = self.config
+        frames, rows, columns = grid
+        if not c.position_modulation:
+            return self.frame_modulation_embedding[:frames] if c.frame_modulation else None
+        term = self.row_modulation_embedding[:rows, None] + self.column_modulation_embedding[None, :columns]
+        if c.frame_modulation:
+            term = self.frame_modulation_embedding[:frames, None, None] + term
+        return term.expand(frames, rows, columns, -1).flatten(0, 2)
+
     def supported_shapes(self) -> str:
         c = self.config
         pt, ph, pw = c.patch_size
@@ -145,10 +163,10 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         self.check_video_shape(frames, height, width)
         pt, ph, pw = self.config.patch_size
         rotary_emb = self.rope(hidden_states)
+        grid = grid_f, grid_h, grid_w = frames // pt, height // ph, width // pw
 
         tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
         if self.config.absolute_positions:
-            grid_f, grid_h, grid_w = frames // pt, height // ph, width // pw
             position = (self.frame_embedding[:grid_f, None, None] + self.row_embedding[None, :grid_h, None]
                         + self.column_embedding[None, None, :grid_w])
             tokens = tokens + position.reshape(1, -1, tokens.shape[-1]).to(tokens.dtype)
@@ -162,13 +180,15 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         time_freqs = self.time_proj(timestep).to(self.time_embedding.linear_1.weight.dtype)
         # The conditioning vector is kept in float32 for the modulation's add; its linear layers take their own dtype.
         temb = self.time_embedding(time_freqs).float() + self.pooled_text_embedding(pooled_text).float()
-        tokens_per_frame = (height // ph) * (width // pw)
-        if self.config.frame_modulation:
-            temb = temb[:, None] + self.frame_modulation_embedding[: frames // pt].float()  # (B, frames, D)
+        positions = self._modulation_positions(grid)
+        if positions is not None:
+            temb = temb[:, None] + positions.float()  # (B, frames or tokens, D)
+            # The blocks take per-token modulation as (B, tokens, 6, D); a per-frame term is repeated over its frame.
+            repeat = grid_h * grid_w if positions.shape[0] == grid_f else 1
         modulation_dtype = self.time_modulation[1].weight.dtype
         block_modulation = self.time_modulation(temb.to(modulation_dtype)).unflatten(-1, (6, -1))
-        if self.config.frame_modulation:  # the blocks take per-token modulation as (B, tokens, 6, D)
-            block_modulation = self._per_token(block_modulation, tokens_per_frame)
+        if positions is not None:
+            block_modulation = self._per_token(block_modulation, repeat)
         # Padding tokens are zeroed (as Wan zero-pads its text), so the blocks' cross-attention needs no mask.
         context = self.text_projection(encoder_hidden_states) * text_mask
 
@@ -178,15 +198,14 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             else:
                 tokens = block(tokens, context, block_modulation, rotary_emb)
 
-        if self.config.frame_modulation:
-            shift_scale = self.scale_shift_table[:, None] + temb[:, :, None]  # (B, frames, 2, D)
-            shift, scale = self._per_token(shift_scale, tokens_per_frame).unbind(2)
+        if positions is not None:
+            shift_scale = self.scale_shift_table[:, None] + temb[:, :, None]  # (B, frames or tokens, 2, D)
+            shift, scale = self._per_token(shift_scale, repeat).unbind(2)
         else:
             shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         patches = self.proj_out(tokens)
 
-        grid = (frames // pt, height // ph, width // pw)
         patches = patches.reshape(batch, *grid, self.config.out_channels, pt, ph, pw)
         video = patches.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, self.config.out_channels, frames, height, width)
         if not return_dict:
