@@ -19,7 +19,7 @@ import gradio as gr
 import torch
 
 import attention
-from pipelines import export_video, load_pipeline
+from pipelines import available_models, export_video, load_pipeline
 from t2v.cli import parse_option
 from t2v.guidance import get_guidance
 
@@ -39,21 +39,21 @@ def parse_attention_options(text: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def get_pipeline(method: str | None, options: tuple = ()):
-    """One pipeline per attention setting, loaded on first use and kept."""
-    pipe = load_pipeline(attention=method, **dict(options))
+def get_pipeline(model: str, method: str | None, options: tuple = ()):
+    """One pipeline per model and attention setting, loaded on first use and kept."""
+    pipe = load_pipeline(model, attention=method, **dict(options))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def generate(prompt, seed, steps, frames, method, method_options, guidance, guidance_scale, *strengths,
+def generate(prompt, seed, steps, frames, model, method, method_options, guidance, guidance_scale, *strengths,
              progress=gr.Progress()):
     if not prompt or not prompt.strip():
         raise gr.Error("Please type a prompt.")
     steps, frames = int(steps), int(frames)
     try:
         options = parse_attention_options(method_options)
-        pipe = get_pipeline(None if method == MODEL_ATTENTION else method, options)
+        pipe = get_pipeline(model, None if method == MODEL_ATTENTION else method, options)
         strength_of = dict(zip(GUIDANCE_SLIDERS, strengths))
         chosen = [get_guidance(name, strength=float(strength_of[name])) for name in guidance or []]
 
@@ -76,7 +76,8 @@ def generate(prompt, seed, steps, frames, method, method_options, guidance, guid
 
 
 def build_demo() -> gr.Blocks:
-    pipe = get_pipeline(None)
+    models = list(available_models())  # the embedded model first, then its fine-tuned variants
+    pipe = get_pipeline(models[0], None, ())
     default_frames = pipe.default_video_shape[0]
     max_frames = pipe.transformer.config.max_frames
     frame_step = pipe.transformer.config.patch_size[0]  # frame counts the model takes
@@ -93,6 +94,9 @@ def build_demo() -> gr.Blocks:
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="steps")
                     frames = gr.Slider(frame_step, max_frames, value=default_frames, step=frame_step, label="Frames",
                                        elem_id="frames")
+                model = gr.Dropdown(models, value=models[0], label="Model", elem_id="model",
+                                    info="variants were fine-tuned with the attention method they are named after, "
+                                         "and use it under \"model's own\"")
                 method = gr.Dropdown([MODEL_ATTENTION, *attention.available_methods()], value=MODEL_ATTENTION,
                                      label="Attention method", elem_id="attention")
                 method_options = gr.Textbox(label="Attention options", placeholder="threshold=0.25, block_size=64",
@@ -106,7 +110,7 @@ def build_demo() -> gr.Blocks:
             with gr.Column():
                 video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True)
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
-        button.click(generate, [prompt, seed, steps, frames, method, method_options, guidance, scale, *strengths],
+        button.click(generate, [prompt, seed, steps, frames, model, method, method_options, guidance, scale, *strengths],
                      [video, status])
     return demo
 

@@ -98,7 +98,8 @@ def load_pipeline(
 
     attention: a registered attention method installed in every self-attention layer, with `attention_options`.
         None installs the method a fine-tuned folder names in attention_config.json (the one its weights were
-        trained with), else leaves the model's own; "dense" is plain attention in every case.
+        trained with), else leaves the model's own; "dense" is plain attention in every case. `save_pretrained`
+        does not write that file: copy it along with a fine-tuned folder.
     guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`.
     """
     import attention as attention_registry
@@ -111,6 +112,9 @@ def load_pipeline(
         raise ValueError(f"attention options {sorted(attention_options)} given without an attention method")
     default_guidance = resolve_guidance(guidance)
     path = resolve_model_path(name_or_path)
+    if attention is None and trained_attention(path) is not None:
+        attention, attention_options = trained_attention(path)
+        attention_registry.get_method(attention)
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -126,8 +130,6 @@ def load_pipeline(
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe.to(device)
-    if attention is None and trained_attention(path) is not None:
-        attention, attention_options = trained_attention(path)
     if attention is not None:
         attention_registry.apply(pipe.transformer, attention, **attention_options)
     pipe.default_guidance = default_guidance

@@ -111,8 +111,10 @@ def red_mass_travel(clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return centre_x[:, -1] - centre_x[:, 0], centre_y[:, -1] - centre_y[:, 0]
 
 
-def world_layout_travel(clips: int = 512, seed: int = 0) -> dict[str, float]:
-    """{direction: travel of the mean of many world clips with that caption}: what a model should predict at t = 1."""
+def world_layout_travel(clips: int = 512, seed: int = 0,
+                        shape: tuple[int, int, int] = (16, 32, 32)) -> dict[str, float]:
+    """{direction: travel of the mean of many world clips (frames, height, width) with that caption}: what a model
+    should predict at t = 1."""
     from t2v.data import ClipSpec, ObjectSpec, render
 
     generator = torch.Generator().manual_seed(seed)
@@ -120,7 +122,7 @@ def world_layout_travel(clips: int = 512, seed: int = 0) -> dict[str, float]:
     for direction in LAYOUT_CAPTIONS:
         specs = [ClipSpec((ObjectSpec("red", "circle", direction, speed),), "black")
                  for speed in ("slow", "fast") for _ in range(clips // 2)]
-        mean_clip = render(specs, generator=generator).mean(0, keepdim=True)
+        mean_clip = render(specs, *shape, generator=generator).mean(0, keepdim=True)
         dx, dy = red_mass_travel(mean_clip)
         travel[direction] = float(dx if direction in ("left", "right") else dy)
     return travel
@@ -194,7 +196,8 @@ def main(argv=None):
         times = (1.0, 0.95)
         print("travel (px) of the red mass's centre, first to last frame, of the predicted clean clip, along the "
               "motion's axis (right and down positive), at t = " + " / ".join(str(t) for t in times))
-        world = world_layout_travel()
+        c = pipe.transformer.config
+        world = world_layout_travel(shape=(c.sample_frames, c.sample_height, c.sample_width))
         for direction, values in layout_travel(pipe, times).items():
             print(f"  {direction:<6}" + " / ".join(f"{v:+.2f}" for v in values)
                   + f"    (mean of world clips: {world[direction]:+.2f})")

@@ -131,6 +131,7 @@ def main(argv=None):
         info["sparse_model"] = args.sparse_model
         pipe = load_pipeline(args.sparse_model, device=args.device)
         pipe.set_progress_bar_config(disable=True)
+        num_layers = len(pipe.transformer.blocks)
     for name, options in runs:
         try:
             attention.apply(pipe.transformer, name, **options)

@@ -76,8 +76,14 @@ def cmd_list(args) -> None:
 
     print("models:")
     for name, path in available_models().items():
-        trained = trained_attention(path)
-        note = "embedded, default" if name == EMBEDDED_MODEL else f"fine-tuned with {trained[0]} {trained[1]}"
+        try:
+            trained = trained_attention(path)
+        except ValueError as error:
+            trained, note = None, str(error)
+        else:
+            note = "embedded, default" if name == EMBEDDED_MODEL else "a variant"
+        if trained is not None:
+            note = f"fine-tuned with {trained[0]} {trained[1]}"
         print(f"  {name} ({note})  {path}")
     print("attention methods:")
     for name in attention.available_methods():

@@ -16,16 +16,24 @@ def no_progress(*args, **kwargs):
 
 
 def test_attention_options_and_guidance_strengths_reach_the_pipeline():
-    path, status = app.generate("a red circle moves to the right", 0, 2, 4, "vmoba", "threshold=0.3",
+    path, status = app.generate("a red circle moves to the right", 0, 2, 4, "t2v-tiny", "vmoba", "threshold=0.3",
                                 ["temporal-self-guidance", "fourier-motion"], 5.0, 0.4, 1.0, progress=no_progress)
     assert Path(path).stat().st_size > 0 and "2 steps" in status
-    pipe = app.get_pipeline("vmoba", (("threshold", 0.3),))
+    pipe = app.get_pipeline("t2v-tiny", "vmoba", (("threshold", 0.3),))
     layer = attention.adapter_state(pipe.transformer).layer_methods[0].fn
     assert layer.threshold == 0.3
 
 
 def test_bad_attention_option_is_shown_as_an_error():
-    with pytest.raises(gr.Error, match="threshold"):
-        app.generate("a red circle", 0, 2, 4, "vmoba", "threshold=5", [], 5.0, 0.6, 0.5, progress=no_progress)
-    with pytest.raises(gr.Error, match="key=value"):
-        app.generate("a red circle", 0, 2, 4, "vmoba", "threshold", [], 5.0, 0.6, 0.5, progress=no_progress)
+    for options, message in (("threshold=5", "threshold"), ("threshold", "key=value")):
+        with pytest.raises(gr.Error, match=message):
+            app.generate("a red circle", 0, 2, 4, "t2v-tiny", "vmoba", options, [], 5.0, 0.6, 0.5,
+                         progress=no_progress)
+
+
+def test_a_variant_runs_with_the_attention_it_was_fine_tuned_with():
+    path, _ = app.generate("a green square shrinks on gray", 0, 2, 4, "t2v-tiny-vmoba", app.MODEL_ATTENTION, "", [],
+                           5.0, 0.6, 0.5, progress=no_progress)
+    assert Path(path).stat().st_size > 0
+    assert attention.current_method(app.get_pipeline("t2v-tiny-vmoba", None, ()).transformer) == "vmoba"
+    assert attention.current_method(app.get_pipeline("t2v-tiny", None, ()).transformer) is None

@@ -97,6 +97,10 @@ def test_position_modulation_starts_neutral_and_modulates_each_token_on_its_own(
     assert changed[touched].min() > 1e-4 and changed[~touched].max() == 0
     low = placed.to(torch.bfloat16)(x.bfloat16(), t, text.bfloat16()).sample
     assert low.dtype == torch.bfloat16 and low.shape == x.shape
+    rows_only = randomised(VideoDiT(**TINY_DIT, position_modulation=True)).eval()  # without the frame term
+    with torch.no_grad():
+        rows_only.row_modulation_embedding.normal_()
+        assert rows_only(x, t, text).sample.shape == x.shape
 
 
 @pytest.mark.parametrize("frames,height,width", [(4, 15, 16), (9, 16, 16), (4, 16, 20), (0, 16, 16)])
@@ -176,3 +180,27 @@ def test_a_time_budget_stops_training_with_a_checkpoint(tmp_path):
     train(cfg)
     assert (tmp_path / "trained_steps.txt").read_text().strip() == "1"
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+
+
+def test_export_writes_the_training_shift_and_the_attention_the_weights_were_fine_tuned_with(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from pipelines.loading import trained_attention
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    weights, exported = tmp_path / "run" / "ema", tmp_path / "pipeline"
+    randomised(VideoDiT(**TINY_DIT)).save_pretrained(weights / "transformer")
+    TextEncoder(vocab=vocabulary(), **TINY_TEXT).save_pretrained(weights / "text_encoder")
+    config = tmp_path / "run" / "train_config.json"
+    config.write_text(json.dumps({"timestep_shift": 5.0, "attention": "vmoba", "attention_options": {"block_size": 16}}))
+    script.export_pipeline(weights, exported)
+    assert trained_attention(exported) == ("vmoba", {"block_size": 16})
+    assert json.loads((exported / "scheduler" / "scheduler_config.json").read_text())["shift"] == 5.0
+    config.write_text(json.dumps({"timestep_shift": 3.0}))  # dense weights exported into the same folder
+    script.export_pipeline(weights, exported)
+    assert trained_attention(exported) is None

@@ -82,7 +82,7 @@ def antidiagonal_block_scores(q, k, block_size, stride, scale=None):
     On CUDA a Triton kernel fuses the softmax and block sums (checked and timed by `scripts/check_kernels.py --only
     antidiagonal`); T2V_ANTIDIAGONAL_TRITON=0 keeps the PyTorch reduction, for comparisons.
     """
-    if q.is_cuda and os.environ.get("T2V_ANTIDIAGONAL_TRITON") != "0":
+    if q.is_cuda and os.environ.get("T2V_ANTIDIAGONAL_TRITON", "1").lower() not in ("0", "false", "off", "no"):
         try:
             from . import triton_antidiagonal
         except ImportError:

@@ -121,10 +121,12 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         c = self.config
         frames, rows, columns = grid
         if not c.position_modulation:
-            return self.frame_modulation_embedding[:frames] if c.frame_modulation else None
-        term = self.row_modulation_embedding[:rows, None] + self.column_modulation_embedding[None, :columns]
+            return self.frame_modulation_embedding[:frames].float() if c.frame_modulation else None
+        # Summed in float32: in bfloat16 the sum of three tables would round away part of each.
+        term = (self.row_modulation_embedding[:rows, None].float()
+                + self.column_modulation_embedding[None, :columns].float())
         if c.frame_modulation:
-            term = self.frame_modulation_embedding[:frames, None, None] + term
+            term = self.frame_modulation_embedding[:frames, None, None].float() + term
         return term.expand(frames, rows, columns, -1).flatten(0, 2)
 
     def supported_shapes(self) -> str:
@@ -182,9 +184,9 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         temb = self.time_embedding(time_freqs).float() + self.pooled_text_embedding(pooled_text).float()
         positions = self._modulation_positions(grid)
         if positions is not None:
-            temb = temb[:, None] + positions.float()  # (B, frames or tokens, D)
+            temb = temb[:, None] + positions  # (B, frames or tokens, D)
             # The blocks take per-token modulation as (B, tokens, 6, D); a per-frame term is repeated over its frame.
-            repeat = grid_h * grid_w if positions.shape[0] == grid_f else 1
+            repeat = 1 if self.config.position_modulation else grid_h * grid_w
         modulation_dtype = self.time_modulation[1].weight.dtype
         block_modulation = self.time_modulation(temb.to(modulation_dtype)).unflatten(-1, (6, -1))
         if positions is not None:
