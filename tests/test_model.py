@@ -172,6 +172,8 @@ def test_training_times_are_shifted_toward_noise():
     assert 0 < shifted.min() and shifted.max() < 1
     assert abs(shifted.median().item() - 0.75) < 0.02  # the logit-normal median 0.5, moved to 3 * 0.5 / 2
     assert (shifted > 0.95).float().mean() > 10 * (plain > 0.95).float().mean()
+    band = sample_timesteps(20000, torch.Generator().manual_seed(0), "cpu", shift=3.0, low=0.9)
+    torch.testing.assert_close(band, 0.9 + 0.1 * shifted)  # the same draws, squeezed into the high-noise band
 
 
 def test_a_time_budget_stops_training_with_a_checkpoint(tmp_path):

@@ -42,6 +42,7 @@ class TrainConfig:
     width: int = 32
     two_object_prob: float = 0.25
     timestep_shift: float = 3.0
+    min_timestep: float = 0.0  # train only on times in [min_timestep, 1): e.g. the high-noise band where layout is set
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -84,8 +85,8 @@ def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
 
 
 def sample_timesteps(batch: int, generator: torch.Generator, device, shift: float,
-                     uniform_share: float = 0.1) -> torch.Tensor:
-    """Times in (0, 1), 1 = pure noise: shifted logit-normal, with a share drawn uniformly to cover both ends.
+                     uniform_share: float = 0.1, low: float = 0.0) -> torch.Tensor:
+    """Times in (low, 1), 1 = pure noise: shifted logit-normal, with a share drawn uniformly to cover both ends.
 
     Logit-normal times concentrate training on the middle of the path, where the velocity is hardest to predict.
     The shift moves them toward noise: a clip's global layout (background, where objects are and which way they
@@ -96,7 +97,8 @@ def sample_timesteps(batch: int, generator: torch.Generator, device, shift: floa
     uniform = torch.rand(batch, generator=generator, device=device)
     pick_uniform = torch.rand(batch, generator=generator, device=device) < uniform_share
     t = torch.where(pick_uniform, uniform, t)
-    return shift * t / (1 + (shift - 1) * t)
+    t = shift * t / (1 + (shift - 1) * t)
+    return low + (1 - low) * t  # the same shape of distribution, squeezed into [low, 1)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
@@ -162,7 +164,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
-        t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift)
+        t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
         with accelerator.autocast():
             loss = module(ids.to(accelerator.device), mask.to(accelerator.device), videos, t, noise)
