@@ -68,6 +68,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timestep-shift", type=float, default=TrainConfig.timestep_shift,
                         help="shift of the training times toward noise (and the exported scheduler's shift)")
+    parser.add_argument("--position-lr-scale", type=float, default=1.0,
+                        help="learning-rate factor for the zero-initialised position and modulation tables")
     parser.add_argument("--min-timestep", type=float, default=0.0,
                         help="train only on times in [this, 1): 0.9 trains the high-noise band where layout is set")
     parser.add_argument("--save-every", type=int, default=1000)
@@ -94,7 +96,8 @@ def main(argv=None):
     cfg = TrainConfig(
         output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
-        seed=args.seed, timestep_shift=args.timestep_shift, min_timestep=args.min_timestep, save_every=args.save_every, max_minutes=args.max_minutes,
+        seed=args.seed, timestep_shift=args.timestep_shift, min_timestep=args.min_timestep,
+        position_lr_scale=args.position_lr_scale, save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,
         attention_options=dict(parse_option(o) for o in args.attention_option),

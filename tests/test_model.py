@@ -206,3 +206,16 @@ def test_export_writes_the_training_shift_and_the_attention_the_weights_were_fin
     config.write_text(json.dumps({"timestep_shift": 3.0}))  # dense weights exported into the same folder
     script.export_pipeline(weights, exported)
     assert trained_attention(exported) is None
+
+
+def test_position_tables_get_their_own_learning_rate():
+    from t2v.training.trainer import POSITION_TABLES, parameter_groups
+
+    model = VideoDiT(**TINY_DIT, absolute_positions=True, frame_modulation=True, position_modulation=True)
+    rest, tables = parameter_groups(model, TrainConfig(learning_rate=1e-3, position_lr_scale=10.0))
+    assert tables["lr"] == pytest.approx(1e-2) and "lr" not in rest  # the rest take the optimizer's rate
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    assert sorted(names[id(p)] for p in tables["params"]) == sorted(POSITION_TABLES)
+    assert len(rest["params"]) + len(tables["params"]) == len(names)
+    assert len(parameter_groups(VideoDiT(**TINY_DIT), TrainConfig(position_lr_scale=10.0))) == 1  # no tables
+    assert len(parameter_groups(model, TrainConfig())) == 1  # factor 1: one group, as before the option

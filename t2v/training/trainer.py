@@ -42,6 +42,7 @@ class TrainConfig:
     width: int = 32
     two_object_prob: float = 0.25
     timestep_shift: float = 3.0
+    position_lr_scale: float = 1.0  # learning-rate factor for the position tables (absolute and modulation)
     min_timestep: float = 0.0  # train only on times in [min_timestep, 1): e.g. the high-noise band where layout is set
     save_every: int = 1000
     log_every: int = 50
@@ -84,6 +85,28 @@ def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
     return text_encoder, VideoDiT(**transformer_cfg)
 
 
+POSITION_TABLES = ("frame_embedding", "row_embedding", "column_embedding", "frame_modulation_embedding",
+                   "row_modulation_embedding", "column_modulation_embedding")
+
+
+def parameter_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Optimizer groups: the position tables at `position_lr_scale` times the learning rate, the rest at it.
+
+    The tables start at zero on top of trained weights and get a small, noisy gradient, so at the common rate
+    they stay small next to the features they are added to; a larger rate lets them catch up. At factor 1 there
+    is one group, as before the option (so older checkpoints resume).
+    """
+    if cfg.position_lr_scale == 1.0:
+        return [{"params": list(module.parameters())}]
+    tables, rest = [], []
+    for name, parameter in module.named_parameters():
+        (tables if name.rsplit(".", 1)[-1] in POSITION_TABLES else rest).append(parameter)
+    groups = [{"params": rest}]
+    if tables:
+        groups.append({"params": tables, "lr": cfg.learning_rate * cfg.position_lr_scale})
+    return groups
+
+
 def sample_timesteps(batch: int, generator: torch.Generator, device, shift: float,
                      uniform_share: float = 0.1, low: float = 0.0) -> torch.Tensor:
     """Times in (low, 1), 1 = pure noise: shifted logit-normal, with a share drawn uniformly to cover both ends.
@@ -122,7 +145,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         transformer.compile_repeated_blocks(fullgraph=True)
     module = FlowMatchingModule(text_encoder, transformer)
     ema = EMAModel(module.parameters(), decay=cfg.ema_decay)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(module, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     started = time.time()
     # Every process must see the same clock, or with several GPUs the learning rates (and so the weights) drift
