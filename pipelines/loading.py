@@ -112,8 +112,9 @@ def load_pipeline(
         raise ValueError(f"attention options {sorted(attention_options)} given without an attention method")
     default_guidance = resolve_guidance(guidance)
     path = resolve_model_path(name_or_path)
-    if attention is None and trained_attention(path) is not None:
-        attention, attention_options = trained_attention(path)
+    trained = trained_attention(path) if attention is None else None
+    if trained is not None:
+        attention, attention_options = trained
         attention_registry.get_method(attention)
     device = resolve_device(device)
     if dtype is None:

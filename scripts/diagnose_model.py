@@ -100,6 +100,12 @@ LAYOUT_CAPTIONS = {"left": "a red circle moves to the left on black", "right": "
                    "up": "a red circle moves up on black", "down": "a red circle moves down on black"}
 
 
+def travel_along(direction: str, clips: torch.Tensor) -> torch.Tensor:
+    """Per clip, the red mass's travel along `direction`'s axis (right and down positive)."""
+    dx, dy = red_mass_travel(clips)
+    return dx if direction in ("left", "right") else dy
+
+
 def red_mass_travel(clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) travel in pixels of the red mass's centre from the first to the last frame of clips (B, 3, F, H, W)."""
     mass = (clips[:, 0] - (clips[:, 1] + clips[:, 2]) / 2).clamp(min=0)  # red over black: 2 where red, 0 on black
@@ -123,8 +129,7 @@ def world_layout_travel(clips: int = 512, seed: int = 0,
         specs = [ClipSpec((ObjectSpec("red", "circle", direction, speed),), "black")
                  for speed in ("slow", "fast") for _ in range(clips // 2)]
         mean_clip = render(specs, *shape, generator=generator).mean(0, keepdim=True)
-        dx, dy = red_mass_travel(mean_clip)
-        travel[direction] = float(dx if direction in ("left", "right") else dy)
+        travel[direction] = float(travel_along(direction, mean_clip))
     return travel
 
 
@@ -144,8 +149,7 @@ def layout_travel(pipe, times=(1.0, 0.95), clips: int = 16, seed: int = 0) -> di
                 # The clean clip behind the noise only matters below t = 1; a black frame keeps it neutral.
                 noisy = (t * noise + (1 - t) * -1.0).to(dtype)
                 velocity = transformer(noisy, torch.full((clips,), 1000.0 * t, device=device), text, mask).sample
-                dx, dy = red_mass_travel((noisy - t * velocity).float())
-                travel[direction].append(float((dx if direction in ("left", "right") else dy).mean()))
+                travel[direction].append(float(travel_along(direction, (noisy - t * velocity).float()).mean()))
     return travel
 
 
@@ -173,26 +177,25 @@ def main(argv=None):
     parser.add_argument("--clips", type=int, default=64, help="reversal: clips with a directed motion")
     args = parser.parse_args(argv)
 
-    if args.probe == "words":
-        from pipelines import load_pipeline
+    if args.probe == "precision":  # loads the model twice, in two dtypes
+        values = precision_drift(args.model, args.device, args.prompts, args.seeds, args.steps, args.batch_size)
+        print(f"PSNR float32 vs bfloat16, {len(values)} clips: mean {np.mean(values):.1f} dB, "
+              f"min {np.min(values):.1f} dB")
+        return
+    from pipelines import load_pipeline
 
-        pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device)
+    if args.probe == "words":
         times = (0.95, 0.8, 0.5)
         print("relative change of the predicted clean clip when one word changes, at t = "
               + " / ".join(str(t) for t in times))
         for name, values in word_sensitivity(pipe, times).items():
             print(f"  {name:<10}" + " / ".join(f"{100 * v:.1f}%" for v in values))
     elif args.probe == "reversal":
-        from pipelines import load_pipeline
-
-        pipe = load_pipeline(args.model, device=args.device)
         print(f"velocity MSE over {args.clips} clips with a directed motion: true caption / motion reversed")
         for t, (true, reversed_) in reversal_losses(pipe, clips=args.clips, batch_size=args.batch_size).items():
             print(f"  t = {t:<5}{true:.5f} / {reversed_:.5f}  ({100 * (reversed_ / true - 1):+.1f}%)")
-    elif args.probe == "layout":
-        from pipelines import load_pipeline
-
-        pipe = load_pipeline(args.model, device=args.device)
+    else:
         times = (1.0, 0.95)
         print("travel (px) of the red mass's centre, first to last frame, of the predicted clean clip, along the "
               "motion's axis (right and down positive), at t = " + " / ".join(str(t) for t in times))
@@ -201,10 +204,6 @@ def main(argv=None):
         for direction, values in layout_travel(pipe, times).items():
             print(f"  {direction:<6}" + " / ".join(f"{v:+.2f}" for v in values)
                   + f"    (mean of world clips: {world[direction]:+.2f})")
-    else:
-        values = precision_drift(args.model, args.device, args.prompts, args.seeds, args.steps, args.batch_size)
-        print(f"PSNR float32 vs bfloat16, {len(values)} clips: mean {np.mean(values):.1f} dB, "
-              f"min {np.min(values):.1f} dB")
 
 
 if __name__ == "__main__":

@@ -45,12 +45,12 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
         model.register_to_config(_name_or_path=destination.name)
     pipe.to(getattr(torch, dtype))
     pipe.save_pretrained(destination, max_shard_size=shard)
-    trained_attention = destination / TRAINED_ATTENTION_FILE
+    attention_file = destination / TRAINED_ATTENTION_FILE
     if trained.get("attention"):  # weights fine-tuned with a sparse method load with that method installed
-        trained_attention.write_text(json.dumps(
+        attention_file.write_text(json.dumps(
             {"method": trained["attention"], "options": trained.get("attention_options", {})}, indent=2) + "\n")
     else:  # a folder exported into before must not keep a method these weights were not trained with
-        trained_attention.unlink(missing_ok=True)
+        attention_file.unlink(missing_ok=True)
     print(f"exported pipeline to {destination}")
 
 

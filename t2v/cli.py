@@ -78,12 +78,10 @@ def cmd_list(args) -> None:
     for name, path in available_models().items():
         try:
             trained = trained_attention(path)
+            note = (f"fine-tuned with {trained[0]} {trained[1]}" if trained
+                    else "embedded, default" if name == EMBEDDED_MODEL else "a variant")
         except ValueError as error:
-            trained, note = None, str(error)
-        else:
-            note = "embedded, default" if name == EMBEDDED_MODEL else "a variant"
-        if trained is not None:
-            note = f"fine-tuned with {trained[0]} {trained[1]}"
+            note = str(error)
         print(f"  {name} ({note})  {path}")
     print("attention methods:")
     for name in attention.available_methods():

@@ -61,19 +61,11 @@ def test_block_scores_match_a_direct_computation_with_padding(monkeypatch):
     torch.testing.assert_close(antidiagonal_block_scores(q, k, bs, stride), expected)
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_triton(), reason="needs Triton (CI installs it with the test extra)")
 @pytest.mark.parametrize("n,m,d,bs,stride", [(45, 45, 16, 16, 4), (300, 333, 32, 32, 8), (200, 130, 16, 128, 1),
                                              (1000, 1000, 64, 64, 8)])
 def test_triton_block_scores_match_the_reference(n, m, d, bs, stride, monkeypatch):
     # On a machine without a GPU this runs under Triton's interpreter (tests/conftest.py).
+    pytest.importorskip("triton", reason="needs Triton (CI installs it with the test extra)")
     from attention.kernels import triton_antidiagonal
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,6 +3,7 @@
 Falling back warns once per process: the reference is correct but slow on real sizes.
 """
 
+import importlib
 import os
 import warnings
 
@@ -12,23 +13,26 @@ import torch.nn.functional as F
 from . import antidiagonal, reference
 from .reference import block_index_from_mask, full_block_index, merge_attention  # noqa: F401
 
-_triton_module = None
-_triton_checked = False
+_triton_modules: dict = {}
 _warned = False
 
 
-def _triton():
-    """The Triton implementation module, or None when Triton or CUDA is missing."""
-    global _triton_module, _triton_checked
-    if not _triton_checked:
-        _triton_checked = True
+def _triton_kernel(name: str):
+    """The Triton implementation module `name` of this package (imported once), or None when Triton or CUDA is
+    missing."""
+    if name not in _triton_modules:
+        module = None
         if torch.cuda.is_available():
             try:
-                from . import triton_block_sparse
-                _triton_module = triton_block_sparse
+                module = importlib.import_module(f".{name}", __package__)
             except ImportError:
-                _triton_module = None
-    return _triton_module
+                pass
+        _triton_modules[name] = module
+    return _triton_modules[name]
+
+
+def _triton():
+    return _triton_kernel("triton_block_sparse")
 
 
 def triton_usable(q, block_size=64):
@@ -83,10 +87,7 @@ def antidiagonal_block_scores(q, k, block_size, stride, scale=None):
     antidiagonal`); T2V_ANTIDIAGONAL_TRITON=0 keeps the PyTorch reduction, for comparisons.
     """
     if q.is_cuda and os.environ.get("T2V_ANTIDIAGONAL_TRITON", "1").lower() not in ("0", "false", "off", "no"):
-        try:
-            from . import triton_antidiagonal
-        except ImportError:
-            triton_antidiagonal = None
+        triton_antidiagonal = _triton_kernel("triton_antidiagonal")
         if triton_antidiagonal is not None and triton_antidiagonal.antidiagonal_usable(q, k, block_size, stride):
             try:
                 return triton_antidiagonal.antidiagonal_block_scores(q, k, block_size, stride, scale)
