@@ -7,7 +7,8 @@
 
 `words`: from the same noise, the model's predicted clean clip (x - t * velocity) for two captions that differ in
 one word, as the relative norm of the difference, at several noise levels. A word the model has learned to follow
-moves the prediction; one it ignores does not.
+moves the prediction; one it ignores does not. First, the same for the text encoder's output: a word pair it maps
+to nearly the same features cannot move the prediction.
 
 `reversal`: training-world clips whose motion has a direction (left, right, up, down, grow, shrink), noised to
 several times; the model's velocity error with the true caption and with the motion reversed (left for right, grow
@@ -35,7 +36,22 @@ WORD_PAIRS = {
     "colour": ("a red circle moves to the left on black", "a blue circle moves to the left on black"),
     "shape": ("a red circle moves to the left on black", "a red square moves to the left on black"),
     "direction": ("a red circle moves to the left on black", "a red circle moves to the right on black"),
+    "vertical": ("a red circle moves up on black", "a red circle moves down on black"),
 }
+
+
+def text_sensitivity(pipe) -> dict[str, float]:
+    """{pair name: relative change of the text encoder's output (all tokens) between the pair's two captions}.
+
+    A text encoder that maps two words to nearly the same features leaves the transformer nothing to tell them by.
+    """
+    device = pipe._execution_device
+    changes = {}
+    with torch.no_grad():
+        for name, captions in WORD_PAIRS.items():
+            first, second = (pipe.encode_prompt([caption], 1, device)[0].float() for caption in captions)
+            changes[name] = float((first - second).norm() / first.norm())
+    return changes
 
 
 def word_sensitivity(pipe, times=(0.95, 0.8, 0.5), clips: int = 4, seed: int = 0) -> dict[str, list[float]]:
@@ -186,6 +202,9 @@ def main(argv=None):
 
     pipe = load_pipeline(args.model, device=args.device)
     if args.probe == "words":
+        print("relative change of the text encoder's output when one word changes")
+        for name, value in text_sensitivity(pipe).items():
+            print(f"  {name:<10}{100 * value:.1f}%")
         times = (0.95, 0.8, 0.5)
         print("relative change of the predicted clean clip when one word changes, at t = "
               + " / ".join(str(t) for t in times))

@@ -72,6 +72,9 @@ def main(argv=None):
                         help="learning-rate factor for the zero-initialised position and modulation tables")
     parser.add_argument("--min-timestep", type=float, default=0.0,
                         help="train only on times in [this, 1): 0.9 trains the high-noise band where layout is set")
+    parser.add_argument("--caption-attribute-loss", type=float, default=0.0,
+                        help="weight of an auxiliary loss that reads each caption's attributes back from the text "
+                             "encoder, so that it keeps words such as left and right apart (0: off)")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
@@ -97,7 +100,8 @@ def main(argv=None):
         output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
         seed=args.seed, timestep_shift=args.timestep_shift, min_timestep=args.min_timestep,
-        position_lr_scale=args.position_lr_scale, save_every=args.save_every, max_minutes=args.max_minutes,
+        position_lr_scale=args.position_lr_scale, caption_attribute_loss=args.caption_attribute_loss,
+        save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,
         attention_options=dict(parse_option(o) for o in args.attention_option),

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -103,6 +105,29 @@ def test_position_modulation_starts_neutral_and_modulates_each_token_on_its_own(
         assert rows_only(x, t, text).sample.shape == x.shape
 
 
+def test_caption_layout_starts_neutral_then_places_by_caption_frame_and_column(tmp_path):
+    placed = randomised(VideoDiT(**TINY_DIT)).eval()
+    laid_out = _grown_from_saved(placed, tmp_path, caption_layout=True)
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 3, 4, 16, 12), torch.tensor([10.0, 900.0])
+    text, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(laid_out(x, t, text, mask).sample, placed(x, t, text, mask).sample)
+        layout = laid_out.layout_prior
+        layout.out_weight.normal_()
+        context = torch.randn(2, 5, 24)
+        prior = layout(context, mask, (4, 4, 3)).view(2, 4, 4, 3, 24)  # (B, frames, rows, columns, D)
+        assert (prior[:, 0] - prior[:, 1]).abs().max() > 1e-3  # frames differ at the same place
+        assert (prior[:, :, :, 0] - prior[:, :, :, 1]).abs().max() > 1e-3  # and columns in the same frame
+        assert (prior[0] - prior[1]).abs().max() > 1e-3  # and so do captions
+        padded = context.clone()
+        padded[0, 3:] = torch.randn(2, 24)  # tokens the mask drops do not count
+        torch.testing.assert_close(layout(padded, mask, (4, 4, 3))[0], prior[0].reshape(-1, 24))
+        empty = layout(context, torch.zeros(2, 5), (4, 4, 3))  # no tokens kept: attends to all, no NaN
+        assert torch.isfinite(empty).all()
+        assert (laid_out(x, t, text, mask).sample - placed(x, t, text, mask).sample).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("frames,height,width", [(4, 15, 16), (9, 16, 16), (4, 16, 20), (0, 16, 16)])
 def test_video_dit_rejects_shapes_it_cannot_take(frames, height, width):
     model = VideoDiT(**TINY_DIT)
@@ -139,7 +164,7 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
                       log_every=1, save_every=1000, frames=4, height=16, width=16,
                       transformer=TINY_DIT, text_encoder=TINY_TEXT)
     final = train(cfg)
-    import json
+
 
     losses = [json.loads(line)["loss"] for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
@@ -186,7 +211,7 @@ def test_a_time_budget_stops_training_with_a_checkpoint(tmp_path):
 
 def test_export_writes_the_training_shift_and_the_attention_the_weights_were_fine_tuned_with(tmp_path):
     import importlib.util
-    import json
+
     from pathlib import Path
 
     from pipelines.loading import trained_attention
@@ -219,3 +244,39 @@ def test_position_tables_get_their_own_learning_rate():
     assert len(rest["params"]) + len(tables["params"]) == len(names)
     assert len(parameter_groups(VideoDiT(**TINY_DIT), TrainConfig(position_lr_scale=10.0))) == 1  # no tables
     assert len(parameter_groups(model, TrainConfig())) == 1  # factor 1: one group, as before the option
+
+
+def test_caption_attribute_targets_and_loss():
+    from t2v.data import ClipSpec, ObjectSpec
+    from t2v.training.caption_attributes import ATTRIBUTE_VALUES, CaptionAttributeHead, attribute_targets
+
+    specs = [ClipSpec((ObjectSpec("red", "circle", "left", "fast"),), "black"),
+             ClipSpec((ObjectSpec("blue", "square", "still"), ObjectSpec("red", "triangle", "grow", "slow")), "white")]
+    targets = attribute_targets(specs)
+    stated = [{ATTRIBUTE_VALUES[i] for i in row.nonzero().flatten().tolist()} for row in targets]
+    assert stated[0] == {"colour:red", "shape:circle", "motion:left", "speed:fast", "background:black"}
+    assert stated[1] == {"colour:blue", "colour:red", "shape:square", "shape:triangle", "motion:still",
+                         "motion:grow", "speed:slow", "background:white"}
+    head = CaptionAttributeHead(16)
+    text, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    both = head(text, mask, targets, torch.tensor([1.0, 1.0]))
+    first = head(text, mask, targets, torch.tensor([1.0, 0.0]))  # the second caption was dropped
+    padded = text.clone()
+    padded[0, 3:] = 5.0  # masked tokens do not count
+    torch.testing.assert_close(head(padded, mask, targets, torch.tensor([1.0, 0.0])), first)
+    pooled = text[0, :3].mean(0)
+    logits = head.classifier(pooled)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[0])
+    torch.testing.assert_close(first, expected)
+    assert not torch.isclose(both, first)
+    assert head(text, mask, targets, torch.zeros(2)) == 0
+
+
+def test_training_with_the_caption_attribute_loss_logs_it_and_lowers_it(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=2,
+                      frames=4, height=16, width=16, transformer=TINY_DIT, text_encoder=TINY_TEXT, log_every=1,
+                      save_every=1000, caption_attribute_loss=1.0)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    attribute = [r["attribute_loss"] for r in records]
+    assert len(attribute) == 40 and sum(attribute[-5:]) < 0.85 * sum(attribute[:5])

@@ -153,6 +153,20 @@ def test_load_embedded_model():
     assert run(pipe, num_inference_steps=2).shape == (1, 16, 32, 32, 3)
 
 
+def test_embedded_model_moves_the_object_the_way_the_words_say_from_the_same_noise():
+    # From one noise for all four captions, a model that ignored the direction word would draw one track for all.
+    from t2v.eval import score_clip
+
+    pipe = load_pipeline(None, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"a red circle moves {way} on black" for way in ("to the left", "to the right", "up", "down")]
+    generators = [torch.Generator().manual_seed(0) for _ in prompts]
+    frames = pipe(prompts, generator=generators, num_inference_steps=20, output_type="np").frames
+    for prompt, clip in zip(prompts, frames):
+        result = score_clip(clip, prompt)
+        assert result["motion"] and result["colour"], (prompt, result["reading"])
+
+
 def test_a_fine_tuned_folder_loads_with_the_attention_it_was_trained_with(saved, tmp_path):
     from pipelines import available_models
     from pipelines.loading import TRAINED_ATTENTION_FILE, trained_attention

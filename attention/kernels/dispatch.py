@@ -13,22 +13,25 @@ import torch.nn.functional as F
 from . import antidiagonal, reference
 from .reference import block_index_from_mask, full_block_index, merge_attention  # noqa: F401
 
-_triton_modules: dict = {}
 _warned = False
 
 
+def _import_triton_kernel(name: str):
+    """The Triton implementation module `name` of this package, or None when Triton or CUDA is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return importlib.import_module(f".{name}", __package__)
+    except ImportError:
+        return None
+
+
+# Imported here, not on first use: a compiled graph (training with --compile) cannot trace an import.
+_TRITON_MODULES = {name: _import_triton_kernel(name) for name in ("triton_block_sparse", "triton_antidiagonal")}
+
+
 def _triton_kernel(name: str):
-    """The Triton implementation module `name` of this package (imported once), or None when Triton or CUDA is
-    missing."""
-    if name not in _triton_modules:
-        module = None
-        if torch.cuda.is_available():
-            try:
-                module = importlib.import_module(f".{name}", __package__)
-            except ImportError:
-                pass
-        _triton_modules[name] = module
-    return _triton_modules[name]
+    return _TRITON_MODULES[name]
 
 
 def _triton():

@@ -22,6 +22,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
 
+from t2v.models.caption_layout import CaptionLayout
+
 
 class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
     """Predicts the flow-matching velocity (noise - clean) of a video (B, C, F, H, W) at a timestep in [0, 1000]."""
@@ -52,6 +54,7 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         absolute_positions: bool = False,
         frame_modulation: bool = False,
         position_modulation: bool = False,
+        caption_layout: bool = False,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -74,6 +77,9 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             # (where a clip's layout, and so a motion's direction, is decided) a token still knows where it is.
             self.row_modulation_embedding = nn.Parameter(torch.zeros(max_height // patch_size[1], inner_dim))
             self.column_modulation_embedding = nn.Parameter(torch.zeros(max_width // patch_size[2], inner_dim))
+        if caption_layout:
+            grid = (max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
+            self.layout_prior = CaptionLayout(inner_dim, num_attention_heads, grid)
         max_positions = max(max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, max_positions)
         # Wan builds its rotary tables in float64, which promotes q and k to float64 in every attention call.
@@ -193,6 +199,8 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             block_modulation = self._per_token(block_modulation, repeat)
         # Padding tokens are zeroed (as Wan zero-pads its text), so the blocks' cross-attention needs no mask.
         context = self.text_projection(encoder_hidden_states) * text_mask
+        if self.config.caption_layout:
+            tokens = tokens + self.layout_prior(context, encoder_attention_mask, grid).to(tokens.dtype)
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
+from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainConfig:
     timestep_shift: float = 3.0
     position_lr_scale: float = 1.0  # learning-rate factor for the position tables (absolute and modulation)
     min_timestep: float = 0.0  # train only on times in [min_timestep, 1): e.g. the high-noise band where layout is set
+    caption_attribute_loss: float = 0.0  # weight of the auxiliary loss that reads a caption's attributes back
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -56,19 +58,26 @@ class TrainConfig:
 
 
 class FlowMatchingModule(torch.nn.Module):
-    """Text encoder and transformer as one module, so accelerate wraps, clips and checkpoints them together."""
+    """Text encoder and transformer as one module, so accelerate wraps, clips and checkpoints them together.
 
-    def __init__(self, text_encoder: TextEncoder, transformer: VideoDiT):
+    Returns the flow-matching loss and the auxiliary caption-attribute loss (0 without its head).
+    """
+
+    def __init__(self, text_encoder: TextEncoder, transformer: VideoDiT, attribute_head: CaptionAttributeHead = None):
         super().__init__()
         self.text_encoder = text_encoder
         self.transformer = transformer
+        self.attribute_head = attribute_head
 
-    def forward(self, input_ids, text_mask, videos, t, noise):
+    def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None):
         text = self.text_encoder(input_ids, text_mask)
         tt = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - tt) * videos + tt * noise
         velocity = self.transformer(noisy, t * 1000, text, text_mask).sample
-        return F.mse_loss(velocity.float(), (noise - videos).float())
+        flow = F.mse_loss(velocity.float(), (noise - videos).float())
+        if self.attribute_head is None:
+            return flow, torch.zeros((), device=flow.device)
+        return flow, self.attribute_head(text, text_mask, attribute_targets, stated)
 
 
 def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
@@ -143,7 +152,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         # Fixed batch and fixed-length captions keep one graph; a block that fails to compile runs eagerly instead.
         torch._dynamo.config.suppress_errors = True
         transformer.compile_repeated_blocks(fullgraph=True)
-    module = FlowMatchingModule(text_encoder, transformer)
+    attribute_head = CaptionAttributeHead(text_encoder.config.hidden_size) if cfg.caption_attribute_loss else None
+    module = FlowMatchingModule(text_encoder, transformer, attribute_head)
     ema = EMAModel(module.parameters(), decay=cfg.ema_decay)
     optimizer = torch.optim.AdamW(parameter_groups(module, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
@@ -183,15 +193,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                     disable=not accelerator.is_local_main_process, desc="train")
     step = start_step
     for step in progress:
-        videos, captions, _ = world.sample(cfg.batch_size, generator)
+        videos, captions, specs = world.sample(cfg.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
+        targets = attribute_targets(specs).to(accelerator.device) if attribute_head is not None else None
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
         t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
         with accelerator.autocast():
-            loss = module(ids.to(accelerator.device), mask.to(accelerator.device), videos, t, noise)
-        accelerator.backward(loss)
+            loss, attribute_loss = module(ids.to(accelerator.device), mask.to(accelerator.device), videos, t, noise,
+                                          targets, (~drop).float())
+        accelerator.backward(loss + cfg.caption_attribute_loss * attribute_loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -202,8 +214,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         if step % cfg.log_every == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
             if accelerator.is_main_process:
+                record = {"step": step, "loss": loss.item(), "seconds": time.time() - started}
+                if attribute_head is not None:
+                    record["attribute_loss"] = attribute_loss.item()
                 with open(out / "loss.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "loss": loss.item(), "seconds": time.time() - started}) + "\n")
+                    f.write(json.dumps(record) + "\n")
         if cfg.max_minutes is not None and step % 10 == 0:
             share_clock()
         done = step + 1 == cfg.steps
