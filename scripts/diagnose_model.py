@@ -41,7 +41,8 @@ WORD_PAIRS = {
 
 
 def text_sensitivity(pipe) -> dict[str, float]:
-    """{pair name: relative change of the text encoder's output (all tokens) between the pair's two captions}.
+    """{pair name: relative change of the text encoder's output between the pair's two captions}, over the tokens
+    the transformer sees (it zeroes the padding).
 
     A text encoder that maps two words to nearly the same features leaves the transformer nothing to tell them by.
     """
@@ -49,7 +50,8 @@ def text_sensitivity(pipe) -> dict[str, float]:
     changes = {}
     with torch.no_grad():
         for name, captions in WORD_PAIRS.items():
-            first, second = (pipe.encode_prompt([caption], 1, device)[0].float() for caption in captions)
+            first, second = ((text * mask.unsqueeze(-1)).float() for text, mask in
+                             (pipe.encode_prompt([caption], 1, device) for caption in captions))
             changes[name] = float((first - second).norm() / first.norm())
     return changes
 

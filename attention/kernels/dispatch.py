@@ -22,7 +22,8 @@ def _import_triton_kernel(name: str):
         return None
     try:
         return importlib.import_module(f".{name}", __package__)
-    except ImportError:
+    except Exception as error:  # a broken Triton install must leave the PyTorch path working, not break the import
+        warnings.warn(f"Triton kernel {name} unavailable ({error}); using the PyTorch reference", RuntimeWarning)
         return None
 
 

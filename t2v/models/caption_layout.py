@@ -38,6 +38,6 @@ class CaptionLayout(nn.Module):
         keys = F.linear(context, self.key_weight).view(batch, length, self.heads, -1).transpose(1, 2)
         values = F.linear(context, self.value_weight).view(batch, length, self.heads, -1).transpose(1, 2)
         keep = text_mask.bool()[:, None, None, :]
-        keep = keep | ~keep.any(dim=-1, keepdim=True)  # an empty caption (dropped for guidance) attends to all
+        keep = keep | ~keep.any(dim=-1, keepdim=True)  # an all-zero mask would give NaN: attend to every token
         attended = F.scaled_dot_product_attention(queries.expand(batch, -1, -1, -1), keys, values, attn_mask=keep)
         return F.linear(attended.transpose(1, 2).reshape(batch, -1, dim), self.out_weight, self.out_bias)

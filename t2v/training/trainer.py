@@ -182,7 +182,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
 
     start_step = 0
     if resume:
-        accelerator.load_state(resume)
+        try:
+            accelerator.load_state(resume)
+        except RuntimeError as error:  # most often a model built differently from the one that saved the state
+            raise RuntimeError(
+                f"cannot resume from {resume}: its state does not fit this model; --transformer-config, "
+                f"--text-encoder-config and --caption-attribute-loss (on or off) must match the run that saved it"
+            ) from error
         start_step = int(Path(resume).name.split("-")[-1])
 
     world = VideoWorld(cfg.frames, cfg.height, cfg.width, split="train",
@@ -193,9 +199,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                     disable=not accelerator.is_local_main_process, desc="train")
     step = start_step
     for step in progress:
-        videos, captions, specs = world.sample(cfg.batch_size, generator)
+        videos, captions, _ = world.sample(cfg.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
-        targets = attribute_targets(specs).to(accelerator.device) if attribute_head is not None else None
+        targets = attribute_targets(captions).to(accelerator.device) if attribute_head is not None else None
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
         t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
