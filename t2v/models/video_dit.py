@@ -25,6 +25,13 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, Wan
 from t2v.models.caption_layout import CaptionLayout
 
 
+def pool_caption(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a caption's token features (B, L, D) over its real tokens (mask (B, L)): the pooled text that joins
+    the timestep embedding."""
+    weights = mask.to(text.dtype).unsqueeze(-1)
+    return (text * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
     """Predicts the flow-matching velocity (noise - clean) of a video (B, C, F, H, W) at a timestep in [0, 1000]."""
 
@@ -59,29 +66,28 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
         patch_size = tuple(patch_size)
+        max_grid = (max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
         if absolute_positions:
             # Rotary embedding tells a token only where others are relative to it; "moves right" is easier to tie to
             # the frame index and the column. Zero at first, so weights trained without them keep their function.
-            self.frame_embedding = nn.Parameter(torch.zeros(max_frames // patch_size[0], inner_dim))
-            self.row_embedding = nn.Parameter(torch.zeros(max_height // patch_size[1], inner_dim))
-            self.column_embedding = nn.Parameter(torch.zeros(max_width // patch_size[2], inner_dim))
+            self.frame_embedding = nn.Parameter(torch.zeros(max_grid[0], inner_dim))
+            self.row_embedding = nn.Parameter(torch.zeros(max_grid[1], inner_dim))
+            self.column_embedding = nn.Parameter(torch.zeros(max_grid[2], inner_dim))
         if frame_modulation:
             # A per-frame term in the conditioning vector, so each frame gets its own AdaLN modulation (as Wan 2.2
             # modulates per token): "moves left" and the frame number meet in the modulation MLP, which is what
             # the direction of a motion needs. Zero at first, like the absolute positions.
-            self.frame_modulation_embedding = nn.Parameter(torch.zeros(max_frames // patch_size[0], inner_dim))
+            self.frame_modulation_embedding = nn.Parameter(torch.zeros(max_grid[0], inner_dim))
         if position_modulation:
             # Row and column terms as well, so each token gets its own modulation. Noise swamps position embeddings
             # added to the tokens, but the modulation's shift is added after the normalisation, so near pure noise
             # (where a clip's layout, and so a motion's direction, is decided) a token still knows where it is.
-            self.row_modulation_embedding = nn.Parameter(torch.zeros(max_height // patch_size[1], inner_dim))
-            self.column_modulation_embedding = nn.Parameter(torch.zeros(max_width // patch_size[2], inner_dim))
+            self.row_modulation_embedding = nn.Parameter(torch.zeros(max_grid[1], inner_dim))
+            self.column_modulation_embedding = nn.Parameter(torch.zeros(max_grid[2], inner_dim))
         if caption_layout:
-            grid = (max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
-            self.layout_prior = CaptionLayout(inner_dim, num_attention_heads, grid)
-        max_positions = max(max_frames // patch_size[0], max_height // patch_size[1], max_width // patch_size[2])
-        self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, max_positions)
+            self.layout_prior = CaptionLayout(inner_dim, num_attention_heads, max_grid)
+        self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, max(max_grid))
         # Wan builds its rotary tables in float64, which promotes q and k to float64 in every attention call.
         self.rope.freqs_cos, self.rope.freqs_sin = self.rope.freqs_cos.float(), self.rope.freqs_sin.float()
 
@@ -183,7 +189,7 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         if encoder_attention_mask is None:
             encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=hidden_states.device)
         text_mask = encoder_attention_mask.to(encoder_hidden_states.dtype).unsqueeze(-1)
-        pooled_text = (encoder_hidden_states * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
+        pooled_text = pool_caption(encoder_hidden_states, encoder_attention_mask)
 
         time_freqs = self.time_proj(timestep).to(self.time_embedding.linear_1.weight.dtype)
         # The conditioning vector is kept in float32 for the modulation's add; its linear layers take their own dtype.

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2v.data import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SPEEDS, parse_caption
+from t2v.models.video_dit import pool_caption
 
 ATTRIBUTE_VALUES = (
     [f"colour:{c}" for c in COLOURS] + [f"shape:{s}" for s in SHAPES] + [f"motion:{m}" for m in MOTIONS]
@@ -42,7 +43,7 @@ def attribute_targets(captions: list[str]) -> torch.Tensor:
 
 
 class CaptionAttributeHead(nn.Module):
-    """Reads the stated attributes back from the mean of the caption's token features."""
+    """Reads the stated attributes back from the caption's pooled features, pooled as the transformer pools them."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -50,9 +51,8 @@ class CaptionAttributeHead(nn.Module):
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, targets: torch.Tensor,
                 stated: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy over the clips whose caption was kept (`stated`, (B,) bool); 0 if none was."""
-        weights = text_mask.to(text.dtype).unsqueeze(-1)
-        pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1)
-        logits = self.classifier(pooled.float())
+        """Binary cross-entropy over the clips whose caption was kept (`stated`, (B,): 1 kept, 0 dropped); 0 if none
+        was."""
+        logits = self.classifier(pool_caption(text, text_mask).float())
         per_clip = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)
         return (per_clip * stated).sum() / stated.sum().clamp(min=1)
