@@ -11,18 +11,22 @@ import json
 import torch
 
 from pipelines import load_pipeline
-from t2v.data.captions import MOTIONS
+from t2v.data.captions import MOTIONS, SHAPES
 from t2v.eval import evaluate_suite
 
 COLUMNS = ("colour", "shape", "motion", "speed", "background", "count", "all")
 
 
-def print_motion_confusion(split: str, table: dict[str, dict[str, int]]) -> None:
-    """Rows: the prompted motion; columns: what the scorer read (share of that row's objects)."""
-    read_as = [*MOTIONS, "missing"]
-    print(f"\n{split}: prompted motion (rows) against the motion read back (columns), % of the row's objects")
+VALUES = {"motion": MOTIONS, "shape": SHAPES}
+
+
+def print_confusion(split: str, attribute: str, table: dict[str, dict[str, int]]) -> None:
+    """Rows: the prompted value; columns: what the scorer read (share of that row's objects)."""
+    values = VALUES[attribute]
+    read_as = [*values, "missing"]
+    print(f"\n{split}: prompted {attribute} (rows) against the {attribute} read back (columns), % of the row's objects")
     print(f"{'prompted':<9}" + "".join(f"{m:>8}" for m in read_as) + f"{'objects':>9}")
-    for prompted in MOTIONS:
+    for prompted in values:
         row = table.get(prompted, {})
         total = sum(row.values())
         if total:
@@ -35,11 +39,15 @@ def main(argv=None):
     parser.add_argument("--splits", default="heldout,train")
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--prompt-seed", type=int, default=0,
+                        help="draws the split's prompts; another seed checks a setting chosen on seed 0's prompts")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--motions", action="store_true", help="also print each split's motion confusion table")
+    parser.add_argument("--confusion", nargs="+", choices=sorted(VALUES), default=[],
+                        help="also print each split's confusion table for these attributes")
+    parser.add_argument("--motions", action="store_true", help="same as --confusion motion")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -48,14 +56,16 @@ def main(argv=None):
     results = []
     for split in args.splits.split(","):
         results.append(evaluate_suite(pipe, split, args.prompts, args.seeds, args.batch_size,
-                                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale))
+                                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                                      prompt_seed=args.prompt_seed))
     print(f"{'split':<8}" + "".join(f"{c:>11}" for c in COLUMNS) + f"{'flicker':>9}{'clips':>7}{'seconds':>9}")
     for r in results:
         cells = "".join(f"{'-' if r[c] is None else f'{100 * r[c]:.1f}%':>11}" for c in COLUMNS)
         print(f"{r['split']:<8}{cells}{r['flicker']:>9.4f}{r['n_clips']:>7}{r['seconds']:>9.1f}")
-    if args.motions:
+    attributes = list(dict.fromkeys([*args.confusion, *(["motion"] if args.motions else [])]))
+    for attribute in attributes:
         for r in results:
-            print_motion_confusion(r["split"], r["motion_confusion"])
+            print_confusion(r["split"], attribute, r[f"{attribute}_confusion"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 
-def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", shard: str = "15MB") -> None:
+def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", shard: str = "15MB",
+                    guidance_scale: float = 2.5) -> None:
     """Writes a diffusers pipeline folder (model_index.json and one subfolder per component).
 
     The scheduler's shift is the one the weights were trained with (train_config.json beside them; runs from
@@ -38,7 +39,7 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
         text_encoder=TextEncoder.from_pretrained(weights / "text_encoder"),
         transformer=VideoDiT.from_pretrained(weights / "transformer"),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
     )
     # The configs name the exported pipeline, not the training folder the weights were read from.
     for model in (pipe.text_encoder, pipe.transformer):
@@ -75,6 +76,9 @@ def main(argv=None):
     parser.add_argument("--caption-attribute-loss", type=float, default=0.0,
                         help="weight of an auxiliary loss that reads each caption's attributes back from the text "
                              "encoder, so that it keeps words such as left and right apart (0: off)")
+    parser.add_argument("--foreground-weight", type=float, default=1.0,
+                        help="loss weight of pixels on and next to objects relative to the plain background, where "
+                             "shapes are told apart (1: a plain mean)")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
@@ -86,11 +90,14 @@ def main(argv=None):
     parser.add_argument("--transformer-config", default="{}", help="JSON overrides of the VideoDiT config")
     parser.add_argument("--text-encoder-config", default="{}", help="JSON overrides of the TextEncoder config")
     parser.add_argument("--export", type=Path, default=None, help="export these EMA weights as a pipeline and stop")
+    parser.add_argument("--export-guidance-scale", type=float, default=2.5,
+                        help="the exported pipeline's classifier-free guidance scale (2.5: best of the embedded "
+                             "model's sweep, see docs/benchmarks.md)")
     parser.add_argument("--to", type=Path, default=Path("t2v/checkpoints/t2v-tiny"))
     args = parser.parse_args(argv)
 
     if args.export is not None:
-        export_pipeline(args.export, args.to)
+        export_pipeline(args.export, args.to, guidance_scale=args.export_guidance_scale)
         return
 
     from t2v.cli import parse_option
@@ -101,6 +108,7 @@ def main(argv=None):
         warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
         seed=args.seed, timestep_shift=args.timestep_shift, min_timestep=args.min_timestep,
         position_lr_scale=args.position_lr_scale, caption_attribute_loss=args.caption_attribute_loss,
+        foreground_weight=args.foreground_weight,
         save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,

@@ -16,6 +16,7 @@ class _Recorder:
     """Test method: dense attention that records the context the adapter hands it."""
 
     calls: list = []
+    dtypes: list = []
     resets: list = []
 
     def __init__(self, layer_index):
@@ -23,6 +24,7 @@ class _Recorder:
 
     def __call__(self, q, k, v, layout, step):
         _Recorder.calls.append((self.layer_index, step, layout.grid, tuple(q.shape)))
+        _Recorder.dtypes.append(q.dtype)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     def reset(self):
@@ -145,6 +147,20 @@ def test_step_layer_index_and_resets_reach_the_method(wan):
     attention.reset(model)
     assert _Recorder.resets == [0, 1, 0, 1]
     assert attention.adapter_state(model).step == 0
+
+
+def test_methods_get_the_autocast_dtype_as_the_models_own_attention_does(wan):
+    model, inputs = wan
+    for block in model.blocks:  # CUDA autocast runs these norms in float32 (CPU autocast does not): do it here too
+        for norm in (block.attn1.norm_q, block.attn1.norm_k):
+            norm.register_forward_hook(lambda module, args, output: output.float())
+    attention.apply(model, "test-recorder")
+    _Recorder.dtypes.clear()
+    _run(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _run(model, inputs)
+    assert _Recorder.dtypes == [torch.float32] * 2 + [torch.bfloat16] * 2
+    assert torch.isfinite(out).all()
 
 
 def test_dense_warmup_steps_and_dense_layers(wan):

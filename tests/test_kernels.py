@@ -165,15 +165,17 @@ def test_block_index_from_mask_roundtrip():
     assert torch.equal(rebuilt, mask)
 
 
-def test_dispatch_falls_back_on_cpu_with_one_warning(monkeypatch):
-    monkeypatch.setattr(dispatch, "_warned", False)
+def test_dispatch_falls_back_on_cpu_with_one_warning_per_dtype(monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned", set())
     q, k, v = rand_qkv(1, 1, 64, 64, 16)
     index, count = R.full_block_index(1, 1, 1, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out, lse = dispatch.block_sparse_attention(q, k, v, index, count)
         dispatch.block_sparse_attention(q, k, v, index, count)
-    assert len([w for w in caught if "reference" in str(w.message)]) == 1
+        dispatch.block_sparse_attention(q.double(), k.double(), v.double(), index, count)
+    messages = [str(w.message) for w in caught if "reference" in str(w.message)]
+    assert len(messages) == 2 and "float32" in messages[0] and "float64" in messages[1]
     ref_out, ref_lse = R.dense_attention(q, k, v)
     assert rel(out, ref_out) < 1e-5 and rel(lse, ref_lse) < 1e-5
     out2, lse2 = dispatch.dense_attention(q, k, v)

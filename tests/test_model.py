@@ -273,10 +273,29 @@ def test_caption_attribute_targets_and_loss():
     assert head(text, mask, targets, torch.zeros(2)) == 0
 
 
+def test_foreground_weights_cover_the_object_and_a_one_pixel_ring():
+    from t2v.training.foreground_weights import foreground_weights
+
+    videos = torch.full((2, 3, 2, 8, 8), -1.0)
+    videos[0, 0, :, 3:5, 2:5] = 0.8  # a red 2x3 object on black; clip 1 is all background
+    videos[1] += 0.05 * torch.rand_like(videos[1])  # below the threshold: still background
+    weights = foreground_weights(videos, 4.0)
+    assert weights.shape == (2, 1, 2, 8, 8)
+    ring = torch.zeros(8, 8, dtype=torch.bool)
+    ring[2:6, 1:6] = True
+    near, far = weights[0, 0, 0][ring], weights[0, 0, 0][~ring]
+    torch.testing.assert_close(near / far.mean(), torch.full_like(near, 4.0))
+    torch.testing.assert_close(weights.mean((1, 2, 3, 4)), torch.ones(2))
+    torch.testing.assert_close(weights[1], torch.ones_like(weights[1]))
+    torch.testing.assert_close(foreground_weights(videos, 1.0), torch.ones_like(weights))
+
+
 def test_training_with_the_caption_attribute_loss_logs_it_and_lowers_it(tmp_path):
+    # Foreground weighting on as well, so that the weighted flow loss runs through training too.
     cfg = TrainConfig(output_dir=str(tmp_path), steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=2,
                       frames=4, height=16, width=16, transformer=dict(TINY_DIT, caption_layout=True),
-                      text_encoder=TINY_TEXT, log_every=1, save_every=1000, caption_attribute_loss=1.0)
+                      text_encoder=TINY_TEXT, log_every=1, save_every=1000, caption_attribute_loss=1.0,
+                      foreground_weight=4.0)
     train(cfg)
     records = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
     attribute = [r["attribute_loss"] for r in records]

@@ -1,10 +1,11 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from t2v.data import ClipSpec, ObjectSpec, render, sample_specs
-from t2v.eval import clip_frames, motion_confusion, read_clip, score_clip, score_suite
+from t2v.eval import clip_frames, confusion, read_clip, score_clip, score_suite
 
 
 def _generator(seed):
@@ -25,17 +26,23 @@ def test_ground_truth_scores_near_perfect():
     assert summary["flicker"] < 0.01
 
 
-def test_motion_confusion_counts_what_was_read_for_each_prompted_motion():
+def test_confusion_counts_what_was_read_for_each_prompted_motion_and_shape():
     right = ClipSpec((ObjectSpec("red", "square", "right", "fast"),), "black")
     grow = ClipSpec((ObjectSpec("blue", "circle", "grow", "fast"),), "white")
     videos = render([right, right, grow], generator=_generator(3))
     # Told "left" for a clip that goes right, and "green" for one with no green object.
     told = [right, dataclasses.replace(right, objects=(dataclasses.replace(right.objects[0], motion="left"),)),
             dataclasses.replace(grow, objects=(dataclasses.replace(grow.objects[0], colour="green"),))]
-    assert motion_confusion(videos, told) == {"right": {"right": 1}, "left": {"right": 1}, "grow": {"missing": 1}}
+    assert confusion(videos, told) == {"right": {"right": 1}, "left": {"right": 1}, "grow": {"missing": 1}}
     # Readings made once serve both summaries, with the same results as reading the clips again.
     readings = [read_clip(video) for video in videos]
-    assert motion_confusion(videos, told, readings) == motion_confusion(videos, told)
+    assert confusion(videos, told, "motion", readings) == confusion(videos, told)
+    # Told "circle" for the square: shape is tabled the same way.
+    told[0] = dataclasses.replace(right, objects=(dataclasses.replace(right.objects[0], shape="circle"),))
+    assert confusion(videos, told, "shape", readings) == {"circle": {"square": 1, "missing": 1},
+                                                         "square": {"square": 1}}
+    with pytest.raises(ValueError, match="speed"):
+        confusion(videos, told, "speed", readings)
     with_readings, without = score_suite(videos, told, readings), score_suite(videos, told)
     assert with_readings == without and with_readings["motion"] == 1 / 3
 

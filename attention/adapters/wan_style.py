@@ -64,6 +64,12 @@ class WanStyleProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The model's own SDPA call would run in the autocast dtype. The q/k norms and rotary embedding give
+            # float32, which the half-precision kernels do not take (training would fall back to the reference).
+            dtype = torch.get_autocast_dtype(device_type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out = self.method(query, key, value, layout, state.step)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)

@@ -1,6 +1,7 @@
 """Pick the Triton kernels on CUDA when they can run, else the PyTorch reference.
 
-Falling back warns once per process: the reference is correct but slow on real sizes.
+Falling back warns once per device type and dtype: the reference is correct but slow on real sizes. (Once per
+process would let a small CPU check hide a later fallback on the GPU.)
 """
 
 import importlib
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from . import antidiagonal, reference
 from .reference import block_index_from_mask, full_block_index, merge_attention  # noqa: F401
 
-_warned = False
+_warned: set = set()
 
 
 def _import_triton_kernel(name: str):
@@ -49,9 +50,9 @@ def triton_usable(q, block_size=64):
 
 
 def _warn_fallback(q):
-    global _warned
-    if not _warned and not torch.compiler.is_compiling():  # a warning would break a compiled graph
-        _warned = True
+    key = (q.device.type, q.dtype)
+    if key not in _warned and not torch.compiler.is_compiling():  # a warning would break a compiled graph
+        _warned.add(key)
         warnings.warn(
             f"block-sparse attention: no Triton kernel for device={q.device.type}, "
             f"dtype={q.dtype}, head_dim={q.shape[-1]}; using the slow PyTorch reference",

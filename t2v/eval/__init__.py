@@ -2,10 +2,8 @@
 
 from t2v.data.world import prompt_suite
 
-from .scorer import (ClipReading, ObjectReading, clip_frames, motion_confusion, read_clip, score_clip,
-                     score_suite)
+from .scorer import ClipReading, ObjectReading, clip_frames, confusion, read_clip, score_clip, score_suite
 from .suite import evaluate_suite, generate_suite, psnr
 
-__all__ = ["ClipReading", "ObjectReading", "clip_frames", "evaluate_suite", "generate_suite", "motion_confusion",
-           "prompt_suite", "psnr",
-           "read_clip", "score_clip", "score_suite"]
+__all__ = ["ClipReading", "ObjectReading", "clip_frames", "confusion", "evaluate_suite", "generate_suite",
+           "prompt_suite", "psnr", "read_clip", "score_clip", "score_suite"]

@@ -51,6 +51,7 @@ FAST_MIN_TRAVEL = (TRAVEL["slow"] + TRAVEL["fast"]) / 2
 FAST_MIN_GROWTH = float(np.sqrt(GROWTH["slow"] * GROWTH["fast"]))
 
 ATTRIBUTES = ("colour", "shape", "motion", "speed", "background", "count")
+CONFUSION_ATTRIBUTES = ("motion", "shape")
 
 
 @dataclass
@@ -309,21 +310,25 @@ def score_suite(videos, specs_or_captions, readings=None) -> dict:
     return summary
 
 
-def motion_confusion(videos, specs_or_captions, readings=None) -> dict[str, dict[str, int]]:
-    """{prompted motion: {motion the scorer read: objects}} over every object that states a motion.
+def confusion(videos, specs_or_captions, attribute: str = "motion", readings=None) -> dict[str, dict[str, int]]:
+    """{prompted value: {value the scorer read: objects}} over every object that states ``attribute``
+    ("motion" or "shape").
 
-    An object the scorer does not find (by colour) is read as "missing". Which motions a model gets right, and what
-    it makes instead, is what the single motion accuracy hides. ``readings``: the clips' ClipReadings if already read.
+    An object the scorer does not find (by colour) is read as "missing". Which values a model gets right, and what
+    it makes instead, is what the single accuracy hides. ``readings``: the clips' ClipReadings if already read.
     """
+    if attribute not in CONFUSION_ATTRIBUTES:
+        raise ValueError(f"confusion is kept for {CONFUSION_ATTRIBUTES}, not {attribute!r}")
     targets = list(specs_or_captions)
     readings = readings if readings is not None else [read_clip(video) for video in videos]
     table: dict[str, dict[str, int]] = {}
     for reading, target in zip(readings, targets):
         for obj in _as_target(target).objects:
-            if obj.motion is None or obj.colour is None:
+            prompted = getattr(obj, attribute)
+            if prompted is None or obj.colour is None:
                 continue
             found = reading.find(obj.colour)
-            read = found.motion if found is not None else "missing"
-            row = table.setdefault(obj.motion, {})
+            read = getattr(found, attribute) if found is not None else "missing"
+            row = table.setdefault(prompted, {})
             row[read] = row.get(read, 0) + 1
     return table

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from t2v.data import prompt_suite
-from t2v.eval.scorer import motion_confusion, read_clip, score_suite
+from t2v.eval.scorer import CONFUSION_ATTRIBUTES, confusion, read_clip, score_suite
 
 
 def generate_suite(pipe, split: str, n_prompts: int, seeds: int, batch_size: int = 32, prompt_seed: int = 0,
@@ -31,13 +31,14 @@ def generate_suite(pipe, split: str, n_prompts: int, seeds: int, batch_size: int
 
 def evaluate_suite(pipe, split: str = "heldout", n_prompts: int = 50, seeds: int = 4, batch_size: int = 32,
                    **call_kwargs) -> dict:
-    """Scorer accuracy per attribute over the split's suite, the motion confusion table and generation time."""
+    """Scorer accuracy per attribute over the split's suite, the motion and shape confusion tables, and the time."""
     started = time.time()
     clips, specs, _ = generate_suite(pipe, split, n_prompts, seeds, batch_size, **call_kwargs)
     readings = [read_clip(clip) for clip in clips]  # each clip is read once, for both summaries
     result = score_suite(list(clips), specs, readings)
     result.pop("per_clip")
-    result["motion_confusion"] = motion_confusion(clips, specs, readings)
+    for attribute in CONFUSION_ATTRIBUTES:
+        result[f"{attribute}_confusion"] = confusion(clips, specs, attribute, readings)
     result["seconds"] = time.time() - started
     result["split"] = split
     return result

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
+from t2v.training.foreground_weights import foreground_weights
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     position_lr_scale: float = 1.0  # learning-rate factor for the position tables (absolute and modulation)
     min_timestep: float = 0.0  # train only on times in [min_timestep, 1): e.g. the high-noise band where layout is set
     caption_attribute_loss: float = 0.0  # weight of the auxiliary loss that reads a caption's attributes back
+    foreground_weight: float = 1.0  # loss weight of pixels on and next to objects relative to background pixels
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -60,7 +62,8 @@ class TrainConfig:
 class FlowMatchingModule(torch.nn.Module):
     """Text encoder and transformer as one module, so accelerate wraps, clips and checkpoints them together.
 
-    Returns the flow-matching loss and the auxiliary caption-attribute loss (0 without its head).
+    Returns the flow-matching loss (a plain mean over pixels, or weighted by ``pixel_weights``) and the auxiliary
+    caption-attribute loss (0 without its head).
     """
 
     def __init__(self, text_encoder: TextEncoder, transformer: VideoDiT, attribute_head: CaptionAttributeHead = None):
@@ -69,12 +72,15 @@ class FlowMatchingModule(torch.nn.Module):
         self.transformer = transformer
         self.attribute_head = attribute_head
 
-    def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None):
+    def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None, pixel_weights=None):
         text = self.text_encoder(input_ids, text_mask)
         tt = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - tt) * videos + tt * noise
         velocity = self.transformer(noisy, t * 1000, text, text_mask).sample
-        flow = F.mse_loss(velocity.float(), (noise - videos).float())
+        if pixel_weights is None:
+            flow = F.mse_loss(velocity.float(), (noise - videos).float())
+        else:
+            flow = ((velocity.float() - (noise - videos).float()) ** 2 * pixel_weights).mean()
         if self.attribute_head is None:
             return flow, torch.zeros((), device=flow.device)
         return flow, self.attribute_head(text, text_mask, attribute_targets, stated)
@@ -206,9 +212,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
         t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
+        weights = foreground_weights(videos, cfg.foreground_weight) if cfg.foreground_weight != 1.0 else None
         with accelerator.autocast():
             loss, attribute_loss = module(ids.to(accelerator.device), mask.to(accelerator.device), videos, t, noise,
-                                          targets, (~drop).float())
+                                          targets, (~drop).float(), weights)
         accelerator.backward(loss + cfg.caption_attribute_loss * attribute_loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
