@@ -17,12 +17,12 @@ from t2v.eval import evaluate_suite
 COLUMNS = ("colour", "shape", "motion", "speed", "background", "count", "all")
 
 
-VALUES = {"motion": MOTIONS, "shape": SHAPES}
+CONFUSION_VALUES = {"motion": MOTIONS, "shape": SHAPES}  # the rows and columns of each table
 
 
 def print_confusion(split: str, attribute: str, table: dict[str, dict[str, int]]) -> None:
     """Rows: the prompted value; columns: what the scorer read (share of that row's objects)."""
-    values = VALUES[attribute]
+    values = CONFUSION_VALUES[attribute]
     read_as = [*values, "missing"]
     print(f"\n{split}: prompted {attribute} (rows) against the {attribute} read back (columns), % of the row's objects")
     print(f"{'prompted':<9}" + "".join(f"{m:>8}" for m in read_as) + f"{'objects':>9}")
@@ -45,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--confusion", nargs="+", choices=sorted(VALUES), default=[],
+    parser.add_argument("--confusion", nargs="+", choices=sorted(CONFUSION_VALUES), default=[],
                         help="also print each split's confusion table for these attributes")
     parser.add_argument("--motions", action="store_true", help="same as --confusion motion")
     parser.add_argument("--json", default=None)
@@ -58,6 +58,9 @@ def main(argv=None):
         results.append(evaluate_suite(pipe, split, args.prompts, args.seeds, args.batch_size,
                                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                                       prompt_seed=args.prompt_seed))
+    scale = args.guidance_scale if args.guidance_scale is not None else pipe.guider.guidance_scale
+    for r in results:  # what the table came from, in the JSON
+        r.update(prompt_seed=args.prompt_seed, guidance_scale=scale)
     print(f"{'split':<8}" + "".join(f"{c:>11}" for c in COLUMNS) + f"{'flicker':>9}{'clips':>7}{'seconds':>9}")
     for r in results:
         cells = "".join(f"{'-' if r[c] is None else f'{100 * r[c]:.1f}%':>11}" for c in COLUMNS)

@@ -16,9 +16,16 @@ from pathlib import Path
 import torch
 
 
+# The embedded model's classifier-free guidance scale, the best of those swept (2 to 8): stronger guidance rounded
+# squares into circles and flickered more, 2 was no better (docs/benchmarks.md). Other models should be swept.
+EXPORT_GUIDANCE_SCALE = 2.5
+
+
 def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", shard: str = "15MB",
-                    guidance_scale: float = 2.5) -> None:
+                    guidance_scale: float = EXPORT_GUIDANCE_SCALE) -> None:
     """Writes a diffusers pipeline folder (model_index.json and one subfolder per component).
+
+    Its guider is classifier-free guidance at `guidance_scale`, the scale a call uses unless it passes its own.
 
     The scheduler's shift is the one the weights were trained with (train_config.json beside them; runs from
     before the option drew unshifted times), so that sampling spends its steps where training put its times.
@@ -90,9 +97,9 @@ def main(argv=None):
     parser.add_argument("--transformer-config", default="{}", help="JSON overrides of the VideoDiT config")
     parser.add_argument("--text-encoder-config", default="{}", help="JSON overrides of the TextEncoder config")
     parser.add_argument("--export", type=Path, default=None, help="export these EMA weights as a pipeline and stop")
-    parser.add_argument("--export-guidance-scale", type=float, default=2.5,
-                        help="the exported pipeline's classifier-free guidance scale (2.5: best of the embedded "
-                             "model's sweep, see docs/benchmarks.md)")
+    parser.add_argument("--export-guidance-scale", type=float, default=EXPORT_GUIDANCE_SCALE,
+                        help="the exported pipeline's classifier-free guidance scale (default: the embedded model's, "
+                             "see docs/benchmarks.md)")
     parser.add_argument("--to", type=Path, default=Path("t2v/checkpoints/t2v-tiny"))
     args = parser.parse_args(argv)
 

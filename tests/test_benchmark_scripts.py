@@ -167,3 +167,17 @@ def test_sweep_settings_and_effective_density():
 
 def test_gpu_record_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_record.sh")]).returncode == 0
+
+
+def test_evaluate_prints_confusion_tables_and_records_its_settings(tmp_path, capsys):
+    evaluate = load_script("evaluate")
+    out = tmp_path / "eval.json"
+    evaluate.main(["--splits", "heldout", "--prompts", "2", "--seeds", "1", "--steps", "2", "--batch-size", "2",
+                   "--device", "cpu", "--prompt-seed", "3", "--confusion", "shape", "--motions", "--json", str(out)])
+    (result,) = json.loads(out.read_text())
+    assert result["prompt_seed"] == 3 and result["guidance_scale"] == 2.5  # the embedded model's own scale
+    for attribute in ("motion", "shape"):
+        table = result[f"{attribute}_confusion"]
+        assert sum(sum(row.values()) for row in table.values()) >= 2  # every object of both clips is tabled
+    printed = capsys.readouterr().out
+    assert "prompted shape (rows)" in printed and "prompted motion (rows)" in printed

@@ -290,6 +290,44 @@ def test_foreground_weights_cover_the_object_and_a_one_pixel_ring():
     torch.testing.assert_close(foreground_weights(videos, 1.0), torch.ones_like(weights))
 
 
+def test_foreground_weights_on_two_objects_and_a_light_background():
+    from t2v.data import ClipSpec, ObjectSpec, render
+    from t2v.training.foreground_weights import foreground_weights
+
+    spec = ClipSpec((ObjectSpec("yellow", "square", "left", "slow"), ObjectSpec("blue", "circle", "still")), "white")
+    videos = render([spec], generator=torch.Generator().manual_seed(0))  # yellow differs from white in blue only
+    weights = foreground_weights(videos, 3.0)[0, 0]
+    on_objects = (videos[0] < 0.9).any(0)  # anything not white
+    heavy = weights > weights.min() * 2
+    assert heavy[on_objects].all() and heavy.float().mean() < 0.5
+    with pytest.raises(ValueError, match="foreground_weight must be positive"):
+        train(TrainConfig(foreground_weight=0.0))
+
+
+def test_flow_loss_uses_the_pixel_weights():
+    from t2v.training.trainer import FlowMatchingModule
+
+    torch.manual_seed(0)
+    text_encoder = TextEncoder(vocab=vocabulary(), **TINY_TEXT)
+    module = FlowMatchingModule(text_encoder, randomised(VideoDiT(**TINY_DIT)))
+    ids, mask = text_encoder.tokenize(["a red circle moves to the left", "a blue square"], warn_unknown=False)
+    videos, noise = torch.rand(2, 3, 2, 8, 8) * 2 - 1, torch.randn(2, 3, 2, 8, 8)
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        plain, _ = module(ids, mask, videos, t, noise)
+        ones, _ = module(ids, mask, videos, t, noise, pixel_weights=torch.ones(2, 1, 2, 8, 8))
+        weights = torch.zeros(2, 1, 2, 8, 8)
+        weights[:, :, :, :4] = 2.0  # only the top half counts
+        top, _ = module(ids, mask, videos, t, noise, pixel_weights=weights)
+        tt = t.view(-1, 1, 1, 1, 1)
+        text = text_encoder(ids, mask)
+        velocity = module.transformer((1 - tt) * videos + tt * noise, t * 1000, text, mask).sample
+    torch.testing.assert_close(ones, plain)
+    expected = (velocity - (noise - videos))[..., :4, :].square().mean()
+    torch.testing.assert_close(top, expected)
+    assert not torch.isclose(top, plain)
+
+
 def test_training_with_the_caption_attribute_loss_logs_it_and_lowers_it(tmp_path):
     # Foreground weighting on as well, so that the weighted flow loss runs through training too.
     cfg = TrainConfig(output_dir=str(tmp_path), steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=2,

@@ -33,16 +33,16 @@ def test_confusion_counts_what_was_read_for_each_prompted_motion_and_shape():
     # Told "left" for a clip that goes right, and "green" for one with no green object.
     told = [right, dataclasses.replace(right, objects=(dataclasses.replace(right.objects[0], motion="left"),)),
             dataclasses.replace(grow, objects=(dataclasses.replace(grow.objects[0], colour="green"),))]
-    assert confusion(videos, told) == {"right": {"right": 1}, "left": {"right": 1}, "grow": {"missing": 1}}
+    assert confusion(videos, told, "motion") == {"right": {"right": 1}, "left": {"right": 1}, "grow": {"missing": 1}}
     # Readings made once serve both summaries, with the same results as reading the clips again.
     readings = [read_clip(video) for video in videos]
-    assert confusion(videos, told, "motion", readings) == confusion(videos, told)
+    assert confusion(videos, told, "motion", readings=readings) == confusion(videos, told, "motion")
     # Told "circle" for the square: shape is tabled the same way.
     told[0] = dataclasses.replace(right, objects=(dataclasses.replace(right.objects[0], shape="circle"),))
-    assert confusion(videos, told, "shape", readings) == {"circle": {"square": 1, "missing": 1},
+    assert confusion(videos, told, "shape", readings=readings) == {"circle": {"square": 1, "missing": 1},
                                                          "square": {"square": 1}}
     with pytest.raises(ValueError, match="speed"):
-        confusion(videos, told, "speed", readings)
+        confusion(videos, told, "speed", readings=readings)
     with_readings, without = score_suite(videos, told, readings), score_suite(videos, told)
     assert with_readings == without and with_readings["motion"] == 1 / 3
 

@@ -1,5 +1,7 @@
 """VMoBA: partitions, global threshold selection, exactness at threshold 1, models, training, pipeline and CLI."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -159,6 +161,19 @@ def test_training_with_vmoba_reaches_the_attention_weights():
     model(latents, torch.tensor([500.0]), text).sample.square().mean().backward()
     grad = model.blocks[0].attn1.to_q.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_training_probe_runs_in_the_dtype_training_hands_the_method(monkeypatch):
+    from attention.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())
+    model, _ = _video_dit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_training_attention(model, "vmoba", {"threshold": 0.25, "block_size": BS}, dtype=torch.bfloat16)
+    fallbacks = [str(w.message) for w in caught if "PyTorch reference" in str(w.message)]
+    assert len(fallbacks) == 1 and "bfloat16" in fallbacks[0]  # this CPU has no Triton kernel: said before training
+    assert next(model.parameters()).dtype == torch.float32  # only the probe's inputs take the dtype
 
 
 def test_training_refuses_methods_without_a_backward():

@@ -66,8 +66,8 @@ class WanStyleProcessor:
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
         device_type = query.device.type
         if torch.is_autocast_enabled(device_type):
-            # The model's own SDPA call would run in the autocast dtype. The q/k norms and rotary embedding give
-            # float32, which the half-precision kernels do not take (training would fall back to the reference).
+            # The model's own SDPA call would run in the autocast dtype. The q/k RMS norms can give float32 here
+            # (float32 weights), which the half-precision kernels do not take: training would use the reference.
             dtype = torch.get_autocast_dtype(device_type)
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out = self.method(query, key, value, layout, state.step)

@@ -1,7 +1,8 @@
 """Pick the Triton kernels on CUDA when they can run, else the PyTorch reference.
 
-Falling back warns once per device type and dtype: the reference is correct but slow on real sizes. (Once per
-process would let a small CPU check hide a later fallback on the GPU.)
+Falling back warns once per kind of input (device, dtype, head size, block size): the reference is correct but
+slow on real sizes. (Once per process would let a small CPU check hide a later fallback on the GPU.) No warning is
+raised inside a compiled graph; training with a sparse method checks the path once before compiling.
 """
 
 import importlib
@@ -49,13 +50,13 @@ def triton_usable(q, block_size=64):
             and _triton() is not None)
 
 
-def _warn_fallback(q):
-    key = (q.device.type, q.dtype)
+def _warn_fallback(q, block_size):
+    key = (q.device.type, q.dtype, q.shape[-1], block_size)
     if key not in _warned and not torch.compiler.is_compiling():  # a warning would break a compiled graph
         _warned.add(key)
         warnings.warn(
             f"block-sparse attention: no Triton kernel for device={q.device.type}, "
-            f"dtype={q.dtype}, head_dim={q.shape[-1]}; using the slow PyTorch reference",
+            f"dtype={q.dtype}, head_dim={q.shape[-1]}, block_size={block_size}; using the slow PyTorch reference",
             RuntimeWarning, stacklevel=3)
 
 
@@ -66,7 +67,7 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, *, block_siz
                   pooled_log_weight=pooled_log_weight, scale=scale)
     if triton_usable(q, block_size):
         return _triton().block_sparse_attention(q, k, v, kv_block_index, kv_block_count, **kwargs)
-    _warn_fallback(q)
+    _warn_fallback(q, block_size)
     return reference.block_sparse_attention(q, k, v, kv_block_index, kv_block_count, **kwargs)
 
 

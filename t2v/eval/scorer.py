@@ -310,7 +310,7 @@ def score_suite(videos, specs_or_captions, readings=None) -> dict:
     return summary
 
 
-def confusion(videos, specs_or_captions, attribute: str = "motion", readings=None) -> dict[str, dict[str, int]]:
+def confusion(videos, specs_or_captions, attribute: str, *, readings=None) -> dict[str, dict[str, int]]:
     """{prompted value: {value the scorer read: objects}} over every object that states ``attribute``
     ("motion" or "shape").
 

@@ -38,7 +38,7 @@ def evaluate_suite(pipe, split: str = "heldout", n_prompts: int = 50, seeds: int
     result = score_suite(list(clips), specs, readings)
     result.pop("per_clip")
     for attribute in CONFUSION_ATTRIBUTES:
-        result[f"{attribute}_confusion"] = confusion(clips, specs, attribute, readings)
+        result[f"{attribute}_confusion"] = confusion(clips, specs, attribute, readings=readings)
     result["seconds"] = time.time() - started
     result["split"] = split
     return result

@@ -8,19 +8,21 @@ import attention
 from attention.layout import VideoLayout
 
 
-def apply_training_attention(transformer, name: str, options: dict | None = None):
+def apply_training_attention(transformer, name: str, options: dict | None = None, device=None, dtype=None):
     """Installs attention method `name` with `options` in `transformer` for training, and returns the transformer.
 
     Raises ValueError for a method that cannot train: one that declares `supports_backward = False`, or whose output
-    carries no finite gradient back to q, k and v on a small probe (run on the model's device and dtype, so it goes
-    through the kernel that training will use).
+    carries no finite gradient back to q, k and v on a small probe. The probe runs on `device` in `dtype` (default:
+    the model's), which should be what training hands the method (the training device, and the autocast dtype under
+    mixed precision), so that it goes through the kernel training will use and a fallback to the PyTorch reference
+    warns here, outside any compiled graph (where warnings are not raised).
     """
     method = attention.get_method(name)
     if getattr(method, "supports_backward", True) is False:
         raise ValueError(f"attention method {name!r} cannot train: it has no backward pass")
     attention.apply(transformer, name, **dict(options or {}))
     try:
-        _probe_backward(transformer)
+        _probe_backward(transformer, device, dtype)
     except Exception as error:
         attention.remove(transformer)
         raise ValueError(f"attention method {name!r} cannot train: {error}") from error
@@ -28,14 +30,15 @@ def apply_training_attention(transformer, name: str, options: dict | None = None
     return transformer
 
 
-def _probe_backward(transformer) -> None:
+def _probe_backward(transformer, device=None, dtype=None) -> None:
     state = attention.adapter_state(transformer)
     parameter = next(transformer.parameters())
+    device, dtype = device or parameter.device, dtype or parameter.dtype
     config = getattr(transformer, "config", {})
     heads, head_dim = config.get("num_attention_heads", 2), config.get("attention_head_dim", 64)
     # Three blocks' worth of tokens, so that a sparse method really has blocks to choose between.
     layout = VideoLayout((3, 4, max(1, state.block_size // 4)), block_size=state.block_size)
-    q, k, v = (torch.randn(1, heads, layout.seq_len, head_dim, device=parameter.device, dtype=parameter.dtype,
+    q, k, v = (torch.randn(1, heads, layout.seq_len, head_dim, device=device, dtype=dtype,
                            requires_grad=True) for _ in range(3))
     with torch.enable_grad():
         out = state.layer_methods[0](q, k, v, layout, 0)

@@ -139,8 +139,13 @@ def sample_timesteps(batch: int, generator: torch.Generator, device, shift: floa
     return low + (1 - low) * t  # the same shape of distribution, squeezed into [low, 1)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # accelerate's mixed precision -> autocast dtype
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Trains and returns the folder of the final EMA weights (text_encoder/ and transformer/ subfolders)."""
+    if cfg.foreground_weight <= 0:
+        raise ValueError(f"foreground_weight must be positive (1: a plain mean), got {cfg.foreground_weight}")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None)
     set_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.output_dir)
@@ -153,7 +158,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         # Fine-tuning with a sparse method (VMoBA is trained this way) goes through its kernel's backward.
         from t2v.training.attention_finetune import apply_training_attention
 
-        apply_training_attention(transformer, cfg.attention, cfg.attention_options)
+        apply_training_attention(transformer, cfg.attention, cfg.attention_options, device=accelerator.device,
+                                 dtype=AUTOCAST_DTYPES.get(cfg.mixed_precision))
     if cfg.compile:
         # Fixed batch and fixed-length captions keep one graph; a block that fails to compile runs eagerly instead.
         torch._dynamo.config.suppress_errors = True
