@@ -75,13 +75,19 @@ def generate(prompt, seed, steps, frames, model, method, method_options, guidanc
     return str(path), f"Generated in {seconds:.1f} s ({steps} steps, {frames} frames of {width}x{height}, seed {seed})"
 
 
+def model_guidance_scale(model: str) -> float:
+    """The classifier-free guidance scale the model's own guider uses: the slider's value when the model is picked
+    (the embedded model and its variants were tuned at different scales)."""
+    return get_pipeline(model, None, ()).guider.guidance_scale
+
+
 def build_demo() -> gr.Blocks:
     models = list(available_models())  # the embedded model first, then its fine-tuned variants
     pipe = get_pipeline(models[0], None, ())
     default_frames = pipe.default_video_shape[0]
     max_frames = pipe.transformer.config.max_frames
     frame_step = pipe.transformer.config.patch_size[0]  # frame counts the model takes
-    default_scale = pipe.guider.guidance_scale
+    default_scale = model_guidance_scale(models[0])
     with gr.Blocks(title="t2v", analytics_enabled=False) as demo:
         gr.Markdown("# t2v: text to video\nThe embedded model draws simple shapes of named colours moving in "
                     "named ways, e.g. *a red circle moves to the right on black*.")
@@ -110,6 +116,7 @@ def build_demo() -> gr.Blocks:
             with gr.Column():
                 video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True)
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+        model.change(model_guidance_scale, model, scale)
         button.click(generate, [prompt, seed, steps, frames, model, method, method_options, guidance, scale, *strengths],
                      [video, status])
     return demo

@@ -37,3 +37,12 @@ def test_a_variant_runs_with_the_attention_it_was_fine_tuned_with():
     assert Path(path).stat().st_size > 0
     assert attention.current_method(app.get_pipeline("t2v-tiny-vmoba", None, ()).transformer) == "vmoba"
     assert attention.current_method(app.get_pipeline("t2v-tiny", None, ()).transformer) is None
+
+
+def test_picking_a_model_sets_the_slider_to_its_own_guidance_scale():
+    assert app.model_guidance_scale("t2v-tiny") == 2.5
+    assert app.model_guidance_scale("t2v-tiny-vmoba") == 5.0
+    demo = app.build_demo()
+    picks = [d for d in demo.config["dependencies"] if any(t[1] == "change" for t in d["targets"])]
+    components = {c["id"]: c["props"].get("elem_id") for c in demo.config["components"]}
+    assert [(components[p["inputs"][0]], components[p["outputs"][0]]) for p in picks] == [("model", "guidance-scale")]
