@@ -8,21 +8,21 @@ import attention
 from attention.layout import VideoLayout
 
 
-def apply_training_attention(transformer, name: str, options: dict | None = None, device=None, dtype=None):
+def apply_training_attention(transformer, name: str, options: dict | None = None, device=None):
     """Installs attention method `name` with `options` in `transformer` for training, and returns the transformer.
 
     Raises ValueError for a method that cannot train: one that declares `supports_backward = False`, or whose output
-    carries no finite gradient back to q, k and v on a small probe. The probe runs on `device` in `dtype` (default:
-    the model's), which should be what training hands the method (the training device, and the autocast dtype under
-    mixed precision), so that it goes through the kernel training will use and a fallback to the PyTorch reference
-    warns here, outside any compiled graph (where warnings are not raised).
+    carries no finite gradient back to q, k and v on a small probe. The probe runs on `device` (default: the model's)
+    in the dtype the adapter would hand the method: under an active autocast (call this inside training's autocast
+    context) its dtype, else the model's. So it goes through the kernel training will use, and a fallback to the
+    PyTorch reference warns here, outside any compiled graph (where warnings are not raised).
     """
     method = attention.get_method(name)
     if getattr(method, "supports_backward", True) is False:
         raise ValueError(f"attention method {name!r} cannot train: it has no backward pass")
     attention.apply(transformer, name, **dict(options or {}))
     try:
-        _probe_backward(transformer, device, dtype)
+        _probe_backward(transformer, device)
     except Exception as error:
         attention.remove(transformer)
         raise ValueError(f"attention method {name!r} cannot train: {error}") from error
@@ -30,10 +30,13 @@ def apply_training_attention(transformer, name: str, options: dict | None = None
     return transformer
 
 
-def _probe_backward(transformer, device=None, dtype=None) -> None:
+def _probe_backward(transformer, device=None) -> None:
     state = attention.adapter_state(transformer)
     parameter = next(transformer.parameters())
-    device, dtype = device or parameter.device, dtype or parameter.dtype
+    device = torch.device(device or parameter.device)
+    # The adapter's rule (attention/adapters/wan_style.py): methods get the autocast dtype when autocast is on.
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else parameter.dtype
     config = getattr(transformer, "config", {})
     heads, head_dim = config.get("num_attention_heads", 2), config.get("attention_head_dim", 64)
     # Three blocks' worth of tokens, so that a sparse method really has blocks to choose between.

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from diffusers.training_utils import EMAModel
@@ -77,10 +76,8 @@ class FlowMatchingModule(torch.nn.Module):
         tt = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - tt) * videos + tt * noise
         velocity = self.transformer(noisy, t * 1000, text, text_mask).sample
-        if pixel_weights is None:
-            flow = F.mse_loss(velocity.float(), (noise - videos).float())
-        else:
-            flow = ((velocity.float() - (noise - videos).float()) ** 2 * pixel_weights).mean()
+        squared_error = (velocity.float() - (noise - videos).float()) ** 2
+        flow = (squared_error if pixel_weights is None else squared_error * pixel_weights).mean()
         if self.attribute_head is None:
             return flow, torch.zeros((), device=flow.device)
         return flow, self.attribute_head(text, text_mask, attribute_targets, stated)
@@ -139,9 +136,6 @@ def sample_timesteps(batch: int, generator: torch.Generator, device, shift: floa
     return low + (1 - low) * t  # the same shape of distribution, squeezed into [low, 1)
 
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # accelerate's mixed precision -> autocast dtype
-
-
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Trains and returns the folder of the final EMA weights (text_encoder/ and transformer/ subfolders)."""
     if cfg.foreground_weight <= 0:
@@ -158,8 +152,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         # Fine-tuning with a sparse method (VMoBA is trained this way) goes through its kernel's backward.
         from t2v.training.attention_finetune import apply_training_attention
 
-        apply_training_attention(transformer, cfg.attention, cfg.attention_options, device=accelerator.device,
-                                 dtype=AUTOCAST_DTYPES.get(cfg.mixed_precision))
+        with accelerator.autocast():  # the probe then sees the dtype training hands the method
+            apply_training_attention(transformer, cfg.attention, cfg.attention_options, device=accelerator.device)
     if cfg.compile:
         # Fixed batch and fixed-length captions keep one graph; a block that fails to compile runs eagerly instead.
         torch._dynamo.config.suppress_errors = True
