@@ -69,3 +69,14 @@ def test_select_every_reuses_each_calls_selection_within_the_interval():
     method.reset()
     method._selection(q, k, v, layout, 8)
     assert RandomBlocks.selections == 8
+
+
+def test_a_reset_keeps_the_tallies_on_the_device_they_were_used_on():
+    # Compiled code guards on the tallies' device: a reset that moved them back to the CPU would recompile.
+    method = KeepAll(block_size=16)
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    method(q, k, v, VideoLayout(grid=(2, 4, 5), block_size=16))
+    assert method.density() == 1.0
+    method.kept_blocks, method.total_blocks = (torch.zeros((), device="meta") for _ in range(2))  # used elsewhere
+    method.reset()
+    assert method.kept_blocks.device.type == method.total_blocks.device.type == "meta"

@@ -110,9 +110,11 @@ class BlockSparseMethod:
         return self.select_every > 1
 
     def reset(self) -> None:
-        # Tallies stay on the device (no sync in the hot path); `density()` reads them.
-        self.kept_blocks = torch.zeros(())
-        self.total_blocks = torch.zeros(())
+        # Tallies stay on the device (no sync in the hot path); `density()` reads them. A reset keeps them on the
+        # device they were last used on: compiled code guards on it, so moving them back would recompile.
+        device = self.kept_blocks.device if hasattr(self, "kept_blocks") else None
+        self.kept_blocks = torch.zeros((), device=device)
+        self.total_blocks = torch.zeros((), device=device)
         self._reused: dict[int, tuple[int, Selection]] = {}  # call within a step -> (step selected at, selection)
         self._last_step, self._call_in_step = None, 0
 
