@@ -4,6 +4,7 @@
     python scripts/diagnose_model.py reversal   # whether the model reads which way a motion goes
     python scripts/diagnose_model.py layout     # whether near pure noise it lays a motion out the prompted way
     python scripts/diagnose_model.py precision  # how far float32 and bfloat16 sampling drift apart
+    python scripts/diagnose_model.py block-mass # how much attention mass the best key blocks hold
 
 `words`: from the same noise, the model's predicted clean clip (x - t * velocity) for two captions that differ in
 one word, as the relative norm of the difference, at several noise levels. A word the model has learned to follow
@@ -23,6 +24,11 @@ direction to the noise predicts about the same layout for every direction.
 
 `precision`: the held-out suite generated in float32 and in bfloat16 with the same seeds, and the PSNR of each pair:
 the yardstick for PSNR against dense attention (a method cannot be judged closer than rounding allows).
+
+`block-mass`: while the model samples the held-out suite with its own (dense) attention, the share of each query
+block's exact attention mass that its best key blocks hold (the oracle's selection, `attention/methods/oracle.py`),
+per layer, when half, a quarter or a tenth of the key blocks are kept. It bounds what any selection that skips
+blocks can keep at that sparsity.
 """
 
 from __future__ import annotations
@@ -183,14 +189,54 @@ def precision_drift(model, device, prompts: int, seeds: int, steps: int, batch_s
     return [psnr(a, b) for a, b in zip(*clips)]
 
 
+KEPT_FRACTIONS = (0.5, 0.25, 0.1)
+
+
+def block_mass(pipe, prompts: int, seeds: int, steps: int, batch_size: int, block_size: int = 16) -> dict:
+    """{(layer, kept fraction): (mean share of the mass kept, share of query blocks keeping under 3/4 of it)}."""
+    import math
+
+    import torch.nn.functional as F
+
+    import attention
+    from attention.methods.oracle import exact_block_mass
+    from t2v.eval.suite import generate_suite
+
+    sums: dict = {}
+
+    class MassProbe:  # computes dense attention, and on the side records what the best blocks would keep
+        def __init__(self, layer_index: int, block_size: int):
+            self.layer = layer_index
+
+        def __call__(self, q, k, v, layout):
+            mass = exact_block_mass(layout.to_tiles(q), layout.to_tiles(k), layout.block_size)
+            ranked = mass.sort(-1, descending=True).values.cumsum(-1)
+            for fraction in KEPT_FRACTIONS:
+                kept = ranked[..., max(1, math.ceil(fraction * ranked.shape[-1])) - 1]
+                total = sums.setdefault((self.layer, fraction), [0.0, 0.0, 0])
+                total[0] += float(kept.sum())
+                total[1] += float((kept < 0.75).sum())
+                total[2] += kept.numel()
+            return F.scaled_dot_product_attention(q, k, v)
+
+    attention.register_method("block-mass-probe", MassProbe, overwrite=True)
+    attention.apply(pipe.transformer, "block-mass-probe", block_size=block_size)
+    try:
+        generate_suite(pipe, "heldout", prompts, seeds, batch_size, num_inference_steps=steps)
+    finally:
+        attention.remove(pipe.transformer)
+    return {key: (kept / rows, low / rows) for key, (kept, low, rows) in sorted(sums.items())}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["words", "reversal", "layout", "precision"])
+    parser.add_argument("probe", choices=["words", "reversal", "layout", "precision", "block-mass"])
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--prompts", type=int, default=8, help="precision: held-out prompts")
-    parser.add_argument("--seeds", type=int, default=2, help="precision: seeds per prompt")
-    parser.add_argument("--steps", type=int, default=20, help="precision: denoising steps")
+    parser.add_argument("--prompts", type=int, default=8, help="precision, block-mass: held-out prompts")
+    parser.add_argument("--seeds", type=int, default=2, help="precision, block-mass: seeds per prompt")
+    parser.add_argument("--steps", type=int, default=20, help="precision, block-mass: denoising steps")
+    parser.add_argument("--block-size", type=int, default=16, help="block-mass: tokens per block")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--clips", type=int, default=64, help="reversal: clips with a directed motion")
     args = parser.parse_args(argv)
@@ -203,6 +249,16 @@ def main(argv=None):
     from pipelines import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
+    if args.probe == "block-mass":
+        pipe.set_progress_bar_config(disable=True)
+        result = block_mass(pipe, args.prompts, args.seeds, args.steps, args.batch_size, args.block_size)
+        print(f"share of each query block's attention mass held by its best key blocks (block {args.block_size}), "
+              "mean / share of query blocks under 0.75, by fraction of key blocks kept")
+        print("layer  " + "".join(f"{f'keep {f:g}':>18s}" for f in KEPT_FRACTIONS))
+        for layer in sorted({layer for layer, _ in result}):
+            print(f"{layer:>5d}  " + "".join(f"{result[layer, f][0]:>10.3f} / {result[layer, f][1]:.2f}"
+                                             for f in KEPT_FRACTIONS))
+        return
     if args.probe == "words":
         print("relative change of the text encoder's output when one word changes")
         for name, value in text_sensitivity(pipe).items():

@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # benchmark.py also puts the repository root on the path; write_json rewrites the file after every setting.
@@ -91,7 +93,6 @@ def effective_density(density, options, steps, num_layers):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import numpy as np
     import torch
 
     import attention
@@ -171,6 +172,9 @@ def row_from(name, options, score, dense, density, effective, psnrs, gen_s, scor
                 flicker=score["flicker"], n_clips=score["n_clips"],
                 psnr_mean=None if psnrs is None else float(psnrs.mean()),
                 psnr_min=None if psnrs is None else float(psnrs.min()),
+                # Per clip too: a mean cannot tell a few diverged clips from many that drifted a little.
+                psnr_median=None if psnrs is None else float(np.median(psnrs)),
+                psnrs=None if psnrs is None else [round(float(x), 2) for x in psnrs],
                 seconds=gen_s, score_seconds=score_s, note="")
 
 
@@ -180,14 +184,15 @@ def points(a, b):
 
 def row_line(r):
     return (f"density {fmt(r['density'], '.3f')}, all {fmt(100 * r['all'])}% ({fmt(r['delta_all'], '+.1f')} pt), "
-            f"PSNR {fmt(r['psnr_mean'])} / min {fmt(r['psnr_min'])} dB, {r['seconds']:.1f} s")
+            f"PSNR {fmt(r['psnr_mean'])} / median {fmt(r['psnr_median'])} / min {fmt(r['psnr_min'])} dB, "
+            f"{r['seconds']:.1f} s")
 
 
 def table(rows):
     setting = [(r["method"] + " " + ",".join(f"{k}={v}" for k, v in r["options"].items())).strip() for r in rows]
     width = max(24, *map(len, setting))
     lines = [f"{'method / setting':{width}s} {'density':>7s} {'sparsity':>8s} {'all%':>6s} {'d pt':>6s} "
-             + "".join(f"{a[:6]:>7s}" for a in ATTRIBUTES) + f" {'PSNR':>6s} {'min':>6s} {'s':>6s}"]
+             + "".join(f"{a[:6]:>7s}" for a in ATTRIBUTES) + f" {'PSNR':>6s} {'median':>6s} {'min':>6s} {'s':>6s}"]
     for name, r in zip(setting, rows):
         if "all" not in r:
             lines.append(f"{name:{width}s} ({r['note']})")
@@ -195,7 +200,7 @@ def table(rows):
         attrs = "".join(f"{fmt(None if v is None else 100 * v):>7s}" for v in r["attributes"].values())
         lines.append(f"{name:{width}s} {fmt(r['density'], '.3f'):>7s} {fmt(r['sparsity'], '.3f'):>8s} "
                      f"{fmt(100 * r['all']):>6s} {fmt(r['delta_all'], '+.1f'):>6s} {attrs} {fmt(r['psnr_mean']):>6s} "
-                     f"{fmt(r['psnr_min']):>6s} {r['seconds']:6.1f}")
+                     f"{fmt(r['psnr_median']):>6s} {fmt(r['psnr_min']):>6s} {r['seconds']:6.1f}")
     return "\n".join(lines)
 
 

@@ -135,6 +135,8 @@ def test_sweep_dense_against_dense_and_a_method(toy_method, tmp_path, capsys):
         assert row["n_clips"] == 2
     assert dense["density"] == 1.0 and dense["psnr_min"] > 60  # the same attention as the model's own
     assert toy["density"] == pytest.approx(0.5) and toy["sparsity"] == pytest.approx(0.5)
+    assert len(toy["psnrs"]) == 2 and min(toy["psnrs"]) <= toy["psnr_median"] <= max(toy["psnrs"])
+    assert toy["psnr_min"] == pytest.approx(min(toy["psnrs"]), abs=0.01)
     assert "PSNR" in capsys.readouterr().out
 
 

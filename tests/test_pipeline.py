@@ -266,3 +266,17 @@ def test_word_probe_sees_the_words_a_model_reads(pipe, monkeypatch):
     changes = script.word_sensitivity(pipe, times=(0.9, 0.5), clips=2)
     assert changes["none"] == [0.0, 0.0]
     assert all(change > 1e-3 for change in changes["colour"])
+
+
+def test_block_mass_probe_bounds_what_the_best_blocks_keep(pipe):
+    import attention
+
+    script = _diagnose_script()
+    result = script.block_mass(pipe, prompts=1, seeds=1, steps=2, batch_size=1)  # 64 tokens: 4 blocks of 16
+    assert set(result) == {(layer, f) for layer in (0, 1) for f in script.KEPT_FRACTIONS}
+    for layer in (0, 1):
+        half, quarter, tenth = (result[layer, f][0] for f in script.KEPT_FRACTIONS)
+        # The best of 4 blocks holds at least a quarter of the mass, the best 2 at least half; all of it at most.
+        assert 0.5 <= half <= 1.0 and 0.25 <= quarter <= half and tenth == quarter  # a tenth of 4 blocks is 1
+        assert all(0.0 <= result[layer, f][1] <= 1.0 for f in script.KEPT_FRACTIONS)
+    assert attention.current_method(pipe.transformer) is None  # the probe leaves the model's own attention

@@ -30,6 +30,7 @@ _BUILTIN = {
     "rectified": "attention.methods.rectified:RectifiedSparseAttention",
     "xattention": "attention.methods.xattention:XAttention",
     "vmoba": "attention.methods.vmoba:VMoBAMethod",
+    "oracle": "attention.methods.oracle:OracleBlocks",
 }
 
 _REGISTRY: dict[str, object] = dict(_BUILTIN)

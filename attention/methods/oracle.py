@@ -1,0 +1,47 @@
+"""Oracle block selection: each query block keeps the key blocks that hold most of its exact attention mass.
+
+A yardstick for selectors, not a speed-up: choosing computes full attention first, so it is never faster than
+dense. Among selections that keep the same number of key blocks per query block and put nothing in place of the
+skipped ones, it keeps the most attention mass; its quality against dense (`scripts/sweep_quality.py --method
+oracle`) shows what block skipping alone costs on a model at a given sparsity, apart from how well a method guesses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attention.layout import VideoLayout
+from attention.methods.block_sparse import (BlockSparseMethod, Selection, keep_cumulative, keep_top_fraction,
+                                           mean_pool_blocks)
+
+DEFAULT_THRESHOLD = 0.9
+_QUERY_CHUNK = 256  # query rows per softmax, to bound the (B, H, rows, N) probabilities held at once
+
+
+def exact_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
+    """(B, H, NQB, NKB) float32: the softmax attention mass each query block's tokens put on each key block, averaged
+    over the block's tokens (rows sum to 1). Partial last blocks count the tokens they have."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    num_k_blocks = -(-k.shape[2] // block_size)
+    pad = num_k_blocks * block_size - k.shape[2]
+    rows = []
+    for start in range(0, q.shape[2], _QUERY_CHUNK):
+        logits = (q[:, :, start:start + _QUERY_CHUNK].float() @ k.float().transpose(-1, -2)) * scale
+        probabilities = F.pad(logits.softmax(-1), (0, pad))  # padded keys carry no mass
+        rows.append(probabilities.unflatten(-1, (num_k_blocks, block_size)).sum(-1))
+    return mean_pool_blocks(torch.cat(rows, dim=2), block_size)
+
+
+class OracleBlocks(BlockSparseMethod):
+    """Keeps, per query block, the top (1 - sparsity) key blocks by exact attention mass, or the fewest whose mass
+    reaches `threshold` (default 0.9; 1.0 keeps every block, so it is dense attention)."""
+
+    name = "oracle"
+    default_threshold = DEFAULT_THRESHOLD
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:
+        mass = exact_block_mass(q, k, self.block_size)
+        if self.threshold is not None:
+            return Selection(keep_cumulative(mass, self.threshold))
+        return Selection(keep_top_fraction(mass, 1.0 - self.sparsity))
