@@ -77,7 +77,7 @@ def generate(prompt, seed, steps, frames, model, method, method_options, guidanc
 
 def model_guidance_scale(model: str) -> float:
     """The classifier-free guidance scale the model's own guider uses: the slider's value when the model is picked
-    (the embedded model and its variants were tuned at different scales)."""
+    (a variant may have been tuned at another scale than the embedded model)."""
     return get_pipeline(model, None, ()).guider.guidance_scale
 
 

@@ -28,7 +28,7 @@ the yardstick for PSNR against dense attention (a method cannot be judged closer
 `block-mass`: while the model samples the held-out suite with its own (dense) attention, the share of each query
 block's exact attention mass that its best key blocks hold (the oracle's selection, `attention/methods/oracle.py`),
 per layer, when half, a quarter or a tenth of the key blocks are kept. It bounds what any selection that skips
-blocks can keep at that sparsity.
+blocks can keep with that many blocks per query block.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def block_mass(pipe, prompts: int, seeds: int, steps: int, batch_size: int, bloc
     sums: dict = {}
 
     class MassProbe:  # computes dense attention, and on the side records what the best blocks would keep
-        def __init__(self, layer_index: int, block_size: int):
+        def __init__(self, layer_index: int, block_size: int):  # the layout it is handed is cut into these blocks
             self.layer = layer_index
 
         def __call__(self, q, k, v, layout):
@@ -225,6 +225,7 @@ def block_mass(pipe, prompts: int, seeds: int, steps: int, batch_size: int, bloc
         generate_suite(pipe, "heldout", prompts, seeds, batch_size, num_inference_steps=steps)
     finally:
         attention.remove(pipe.transformer)
+        attention.unregister_method("block-mass-probe")
     return {key: (kept / rows, low / rows) for key, (kept, low, rows) in sorted(sums.items())}
 
 
@@ -256,7 +257,7 @@ def main(argv=None):
               "mean / share of query blocks under 0.75, by fraction of key blocks kept")
         print("layer  " + "".join(f"{f'keep {f:g}':>18s}" for f in KEPT_FRACTIONS))
         for layer in sorted({layer for layer, _ in result}):
-            print(f"{layer:>5d}  " + "".join(f"{result[layer, f][0]:>10.3f} / {result[layer, f][1]:.2f}"
+            print(f"{layer:>5d}  " + "".join(f"{result[layer, f][0]:>11.3f} / {result[layer, f][1]:.2f}"
                                              for f in KEPT_FRACTIONS))
         return
     if args.probe == "words":

@@ -40,7 +40,7 @@ def test_a_variant_runs_with_the_attention_it_was_fine_tuned_with():
 
 
 def test_picking_a_model_sets_the_slider_to_its_own_guidance_scale(monkeypatch):
-    assert app.model_guidance_scale("t2v-tiny") == 2.5
+    assert app.model_guidance_scale("t2v-tiny") == app.model_guidance_scale("t2v-tiny-vmoba") == 2.5
     # The shipped models share a scale today; a variant tuned at its own must still get its own.
     monkeypatch.setattr(app.get_pipeline("t2v-tiny-vmoba", None, ()).guider, "guidance_scale", 4.0)
     assert app.model_guidance_scale("t2v-tiny-vmoba") == 4.0

@@ -123,20 +123,21 @@ def test_local_inputs_favour_nearby_keys():
 
 def test_sweep_dense_against_dense_and_a_method(toy_method, tmp_path, capsys):
     out = tmp_path / "quality.json"
-    sweep.main(["--method", "dense", toy_method, "--prompts", "2", "--seeds", "1", "--steps", "2", "--frames", "4",
-                "--batch-size", "2", "--device", "cpu", "--json", str(out)])
+    sweep.main(["--method", "dense", toy_method, "--prompts", "3", "--seeds", "1", "--steps", "2", "--frames", "4",
+                "--batch-size", "3", "--device", "cpu", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert data["prompts"] == 2 and data["steps"] == 2
+    assert data["prompts"] == 3 and data["steps"] == 2
     reference, dense, toy = data["rows"]
     for row in (reference, dense, toy):
         for key in ("density", "sparsity", "all", "delta_all", "attributes", "delta", "psnr_mean", "psnr_min",
                     "seconds", "n_clips"):
             assert key in row, key
-        assert row["n_clips"] == 2
+        assert row["n_clips"] == 3
     assert dense["density"] == 1.0 and dense["psnr_min"] > 60  # the same attention as the model's own
     assert toy["density"] == pytest.approx(0.5) and toy["sparsity"] == pytest.approx(0.5)
-    assert len(toy["psnrs"]) == 2 and min(toy["psnrs"]) <= toy["psnr_median"] <= max(toy["psnrs"])
+    assert len(toy["psnrs"]) == 3 and toy["psnr_median"] == pytest.approx(sorted(toy["psnrs"])[1], abs=0.01)
     assert toy["psnr_min"] == pytest.approx(min(toy["psnrs"]), abs=0.01)
+    assert toy["psnr_mean"] == pytest.approx(sum(toy["psnrs"]) / 3, abs=0.01)
     assert "PSNR" in capsys.readouterr().out
 
 

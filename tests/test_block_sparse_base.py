@@ -80,3 +80,17 @@ def test_a_reset_keeps_the_tallies_on_the_device_they_were_used_on():
     method.kept_blocks, method.total_blocks = (torch.zeros((), device="meta") for _ in range(2))  # used elsewhere
     method.reset()
     assert method.kept_blocks.device.type == method.total_blocks.device.type == "meta"
+
+
+def test_prepare_moves_the_tallies_of_every_layer_to_the_model_device(monkeypatch):
+    # Layers not yet called (training's probe calls only the first) must not meet compiled code on the CPU.
+    from attention.methods.vmoba import VMoBAMethod
+
+    layout = VideoLayout(grid=(2, 4, 5), block_size=16)
+    method = KeepAll(block_size=16)
+    method.prepare(layout, torch.device("meta"))
+    assert method.kept_blocks.device.type == method.total_blocks.device.type == "meta"
+    prepared = []
+    monkeypatch.setattr(BlockSparseMethod, "prepare", lambda self, layout, device: prepared.append(device))
+    VMoBAMethod(layer_index=1, block_size=16, sparsity=0.5).prepare(layout, torch.device("cpu"))
+    assert prepared == [torch.device("cpu")]  # VMoBA's own preparation keeps the shared one

@@ -268,15 +268,22 @@ def test_word_probe_sees_the_words_a_model_reads(pipe, monkeypatch):
     assert all(change > 1e-3 for change in changes["colour"])
 
 
-def test_block_mass_probe_bounds_what_the_best_blocks_keep(pipe):
+def test_block_mass_probe_reports_the_mass_the_oracle_selection_keeps(pipe, monkeypatch):
     import attention
+    from attention.methods import oracle
+    from attention.methods.block_sparse import keep_top_fraction
 
     script = _diagnose_script()
+    masses = []
+    exact = oracle.exact_block_mass
+    monkeypatch.setattr(oracle, "exact_block_mass", lambda *a: masses.append(exact(*a)) or masses[-1])
     result = script.block_mass(pipe, prompts=1, seeds=1, steps=2, batch_size=1)  # 64 tokens: 4 blocks of 16
     assert set(result) == {(layer, f) for layer in (0, 1) for f in script.KEPT_FRACTIONS}
-    for layer in (0, 1):
-        half, quarter, tenth = (result[layer, f][0] for f in script.KEPT_FRACTIONS)
-        # The best of 4 blocks holds at least a quarter of the mass, the best 2 at least half; all of it at most.
-        assert 0.5 <= half <= 1.0 and 0.25 <= quarter <= half and tenth == quarter  # a tenth of 4 blocks is 1
-        assert all(0.0 <= result[layer, f][1] <= 1.0 for f in script.KEPT_FRACTIONS)
+    assert len(masses) == 2 * 2 * 2  # two layers, two steps, two calls a step (with and without the text)
+    for f in script.KEPT_FRACTIONS:  # the same rows in every layer, so the layers' mean is the overall mean
+        kept = torch.cat([(m * keep_top_fraction(m, f)).sum(-1).flatten() for m in masses])
+        assert np.mean([result[layer, f][0] for layer in (0, 1)]) == pytest.approx(float(kept.mean()), rel=1e-5)
+        assert np.mean([result[layer, f][1] for layer in (0, 1)]) == pytest.approx(float((kept < 0.75).float().mean()))
+    assert 0.25 <= result[0, 0.25][0] < result[0, 0.5][0] <= 1.0  # the best of 4 blocks holds at least a quarter
     assert attention.current_method(pipe.transformer) is None  # the probe leaves the model's own attention
+    assert "block-mass-probe" not in attention.available_methods()

@@ -118,6 +118,12 @@ class BlockSparseMethod:
         self._reused: dict[int, tuple[int, Selection]] = {}  # call within a step -> (step selected at, selection)
         self._last_step, self._call_in_step = None, 0
 
+    def prepare(self, layout: VideoLayout, device) -> None:
+        """Called before a model call whose layout is new, outside compiled code: the tallies move to the model's
+        device here, so that compiled code never meets them on another device (each move would recompile)."""
+        self.kept_blocks = self.kept_blocks.to(device)
+        self.total_blocks = self.total_blocks.to(device)
+
     def _selection(self, q, k, v, layout: VideoLayout, step: int | None) -> Selection:
         """`select`, or with select_every > 1 the selection made at most select_every - 1 steps ago.
 

@@ -1,9 +1,10 @@
 """Oracle block selection: each query block keeps the key blocks that hold most of its exact attention mass.
 
 A yardstick for selectors, not a speed-up: choosing computes full attention first, so it is never faster than
-dense. Among selections that keep the same number of key blocks per query block and put nothing in place of the
-skipped ones, it keeps the most attention mass; its quality against dense (`scripts/sweep_quality.py --method
-oracle`) shows what block skipping alone costs on a model at a given sparsity, apart from how well a method guesses.
+dense. With `sparsity`, among selections that keep the same number of key blocks per query block and put nothing
+in place of the skipped ones, it keeps the most attention mass; its quality against dense (`scripts/sweep_quality.py
+--method oracle`) shows what skipping blocks costs on a model apart from how well a method guesses. (Keeping the most
+mass is not the same as the best clip, and a budget spread unevenly, as `threshold` does, can keep more in all.)
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ def exact_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: f
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     num_k_blocks = -(-k.shape[2] // block_size)
     pad = num_k_blocks * block_size - k.shape[2]
+    keys = k.float().transpose(-1, -2)
     rows = []
     for start in range(0, q.shape[2], _QUERY_CHUNK):
-        logits = (q[:, :, start:start + _QUERY_CHUNK].float() @ k.float().transpose(-1, -2)) * scale
+        logits = (q[:, :, start:start + _QUERY_CHUNK].float() @ keys) * scale
         probabilities = F.pad(logits.softmax(-1), (0, pad))  # padded keys carry no mass
         rows.append(probabilities.unflatten(-1, (num_k_blocks, block_size)).sum(-1))
     return mean_pool_blocks(torch.cat(rows, dim=2), block_size)

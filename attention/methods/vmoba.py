@@ -136,6 +136,7 @@ class VMoBAMethod(BlockSparseMethod):
 
     def prepare(self, layout: VideoLayout, device) -> None:
         """Builds this partition's tiling and chunks ahead of the call (they need host work compiled code can't do)."""
+        super().prepare(layout, device)
         tiled = partition_layout(layout.grid, self.block_size, self.partition)
         tiled.tile_permutation(device)
         chunk_of_block(tiled, self.partition, device)
