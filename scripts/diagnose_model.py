@@ -194,11 +194,10 @@ KEPT_FRACTIONS = (0.5, 0.25, 0.1)
 
 def block_mass(pipe, prompts: int, seeds: int, steps: int, batch_size: int, block_size: int = 16) -> dict:
     """{(layer, kept fraction): (mean share of the mass kept, share of query blocks keeping under 3/4 of it)}."""
-    import math
-
     import torch.nn.functional as F
 
     import attention
+    from attention.methods.block_sparse import keep_top_fraction
     from attention.methods.oracle import exact_block_mass
     from t2v.eval.suite import generate_suite
 
@@ -210,9 +209,8 @@ def block_mass(pipe, prompts: int, seeds: int, steps: int, batch_size: int, bloc
 
         def __call__(self, q, k, v, layout):
             mass = exact_block_mass(layout.to_tiles(q), layout.to_tiles(k), layout.block_size)
-            ranked = mass.sort(-1, descending=True).values.cumsum(-1)
             for fraction in KEPT_FRACTIONS:
-                kept = ranked[..., max(1, math.ceil(fraction * ranked.shape[-1])) - 1]
+                kept = (mass * keep_top_fraction(mass, fraction)).sum(-1)  # what the oracle would keep
                 total = sums.setdefault((self.layer, fraction), [0.0, 0.0, 0])
                 total[0] += float(kept.sum())
                 total[1] += float((kept < 0.75).sum())

@@ -9,7 +9,8 @@ seeds (clip i of every run starts from the same noise). Per setting: the density
 (`method_density` over its sparse calls; it covers the last pipeline call, so keep the suite in one batch),
 sparsity = 1 - density, the density counting warm-up steps and dense layers as dense (`effective_density`), scorer
 accuracy (`all` and per attribute) and its difference to dense in points, PSNR of each clip against the dense clip
-of the same seed (mean, median and min, and each clip's in the JSON; identical clips count as 100 dB), and seconds (after a one-clip warm-up on GPU).
+of the same seed (mean, median and min, and each clip's in the JSON; identical clips count as 100 dB), and seconds
+(after a one-clip warm-up on GPU).
 `--sparse-model DIR` runs the settings on another pipeline (one fine-tuned with the method) against `--model`'s
 dense clips.
 `--method all` runs every registered method but dense, each with its settings in SWEEP_SETTINGS (or `--settings`),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attention.layout import VideoLayout
+from attention.methods import autocast_dtype
 
 
 def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -64,11 +65,10 @@ class WanStyleProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
-        device_type = query.device.type
-        if torch.is_autocast_enabled(device_type):
-            # The model's own SDPA call would run in the autocast dtype. The q/k RMS norms can give float32 here
-            # (float32 weights), which the half-precision kernels do not take: training would use the reference.
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = autocast_dtype(query.device.type)
+        if dtype is not None:
+            # The q/k RMS norms can give float32 here (float32 weights), which the half-precision kernels do not
+            # take: training would use the reference.
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out = self.method(query, key, value, layout, state.step)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)

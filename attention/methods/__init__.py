@@ -24,6 +24,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 # name -> "module:attribute", imported on first use so that a method's dependencies (Triton) load only when needed.
 _BUILTIN = {
     "dense": "attention.methods.dense:dense_attention_method",
@@ -61,6 +63,12 @@ class SparseOptions:
 
 # The options the adapter consumes rather than passing on to the method.
 ADAPTER_OPTIONS = ("dense_warmup_steps", "dense_layers")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype adapters cast q, k and v to before a method sees them: an active autocast's (the model's own SDPA
+    call would run in it), or None without autocast (they keep their own)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def register_method(name: str, method: Callable | type | str, *, overwrite: bool = False) -> None:

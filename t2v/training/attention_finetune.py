@@ -6,6 +6,7 @@ import torch
 
 import attention
 from attention.layout import VideoLayout
+from attention.methods import autocast_dtype
 
 
 def apply_training_attention(transformer, name: str, options: dict | None = None, device=None):
@@ -34,9 +35,7 @@ def _probe_backward(transformer, device=None) -> None:
     state = attention.adapter_state(transformer)
     parameter = next(transformer.parameters())
     device = torch.device(device or parameter.device)
-    # The adapter's rule (attention/adapters/wan_style.py): methods get the autocast dtype when autocast is on.
-    autocast = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if autocast else parameter.dtype
+    dtype = autocast_dtype(device.type) or parameter.dtype  # what the adapter hands the method in training
     config = getattr(transformer, "config", {})
     heads, head_dim = config.get("num_attention_heads", 2), config.get("attention_head_dim", 64)
     # Three blocks' worth of tokens, so that a sparse method really has blocks to choose between.
