@@ -86,6 +86,13 @@ def main(argv=None):
     parser.add_argument("--foreground-weight", type=float, default=1.0,
                         help="loss weight of pixels on and next to objects relative to the plain background, where "
                              "shapes are told apart (1: a plain mean)")
+    parser.add_argument("--teacher-weight", type=float, default=0.0,
+                        help="with --attention: share of the regression target taken from a dense teacher's "
+                             "velocity (--teacher-from, else the --init-from model with its own attention), so the "
+                             "sparse model keeps drawing the dense model's clips (1: distillation only; 0: data only)")
+    parser.add_argument("--teacher-from", default=None,
+                        help="exported weights of the dense teacher (default: --init-from); to go on distilling "
+                             "from a sparse model's export")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
@@ -115,7 +122,8 @@ def main(argv=None):
         warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision,
         seed=args.seed, timestep_shift=args.timestep_shift, min_timestep=args.min_timestep,
         position_lr_scale=args.position_lr_scale, caption_attribute_loss=args.caption_attribute_loss,
-        foreground_weight=args.foreground_weight,
+        foreground_weight=args.foreground_weight, teacher_weight=args.teacher_weight,
+        teacher_from=args.teacher_from,
         save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,

@@ -338,3 +338,65 @@ def test_training_with_the_caption_attribute_loss_logs_it_and_lowers_it(tmp_path
     records = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
     attribute = [r["attribute_loss"] for r in records]
     assert len(attribute) == 40 and sum(attribute[-5:]) < 0.85 * sum(attribute[:5])
+
+
+def test_blended_target_splits_the_loss_between_data_and_teacher():
+    from t2v.training.distillation import blended_target
+
+    videos, noise, teacher, velocity = (torch.randn(2, 3, 2, 4, 4) for _ in range(4))
+    data = noise - videos
+    for weight in (0.0, 0.3, 1.0):
+        blended = (velocity - blended_target(videos, noise, teacher, weight)).square()
+        parts = (1 - weight) * (velocity - data).square() + weight * (velocity - teacher).square()
+        constant = weight * (1 - weight) * (teacher - data).square()  # independent of the prediction
+        torch.testing.assert_close(blended, parts - constant)
+    torch.testing.assert_close(blended_target(videos, noise, None, 0.5), data)
+
+
+def test_distillation_brings_the_sparse_model_toward_the_dense_teacher(tmp_path):
+    import attention
+
+    init = tmp_path / "init"
+    torch.manual_seed(0)
+    randomised(VideoDiT(**TINY_DIT)).save_pretrained(init / "transformer")
+    TextEncoder(vocab=vocabulary(), **TINY_TEXT).save_pretrained(init / "text_encoder")
+    sparse = dict(block_size=16, sparsity=0.75)
+
+    def fine_tune(name, teacher_weight, steps=150, teacher_from=None, **options):
+        cfg = TrainConfig(output_dir=str(tmp_path / name), steps=steps, batch_size=8, learning_rate=1e-4,
+                          warmup_steps=1, ema_decay=0.0, log_every=1, save_every=1000, frames=4, height=16,
+                          width=16, init_from=str(init), teacher_weight=teacher_weight, teacher_from=teacher_from,
+                          attention="vmoba", attention_options=options or sparse)
+        return train(cfg), [json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+
+    # Fixed inputs on which each student is compared with the dense teacher (the initial weights, own attention).
+    encoder = TextEncoder.from_pretrained(init / "text_encoder")
+    ids, mask = encoder.tokenize(["a red circle moves to the left", ""], warn_unknown=False)
+    generator = torch.Generator().manual_seed(1)
+    noisy, t = torch.randn(2, 3, 4, 16, 16, generator=generator), torch.tensor([300.0, 800.0])
+
+    def velocity(weights, method=None):
+        transformer = VideoDiT.from_pretrained(weights / "transformer")
+        if method:
+            attention.apply(transformer, method, **sparse)
+        with torch.no_grad():
+            text = TextEncoder.from_pretrained(weights / "text_encoder")(ids, mask)
+            return transformer(noisy, t, text, mask).sample
+
+    teacher = velocity(init)
+    gap = {name: (velocity(weights, "vmoba") - teacher).square().mean().item()
+           for name, weights in (("training-free", init), ("data", fine_tune("data", 0.0)[0]),
+                                 ("teacher", fine_tune("teacher", 1.0)[0]))}
+    assert gap["training-free"] > 1e-4  # skipping blocks moves the model off the teacher...
+    assert gap["teacher"] < 0.85 * gap["training-free"]  # ...distilling brings it back...
+    assert gap["teacher"] < 0.2 * gap["data"]  # ...where training on the (random model's unseen) data moves it away
+    # VMoBA keeping every block is the teacher's own dense attention: nothing to learn at the first step.
+    assert fine_tune("all-blocks", 1.0, steps=1, block_size=16, threshold=1.0)[1][0] < 1e-8
+    # A teacher named apart is loaded from its own folder: here the data-trained weights, not the initial ones.
+    other = fine_tune("other-teacher", 1.0, steps=1, teacher_from=str(tmp_path / "data" / "ema"), block_size=16,
+                      threshold=1.0)[1][0]
+    assert other > 1e-3
+    with pytest.raises(ValueError, match="init_from"):
+        train(TrainConfig(output_dir=str(tmp_path / "bad"), teacher_weight=1.0, attention="vmoba"))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        train(TrainConfig(output_dir=str(tmp_path / "bad"), teacher_weight=1.5))

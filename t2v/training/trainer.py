@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
+from t2v.training.distillation import DenseTeacher, blended_target
 from t2v.training.foreground_weights import foreground_weights
 
 
@@ -47,6 +48,8 @@ class TrainConfig:
     min_timestep: float = 0.0  # train only on times in [min_timestep, 1): e.g. the high-noise band where layout is set
     caption_attribute_loss: float = 0.0  # weight of the auxiliary loss that reads a caption's attributes back
     foreground_weight: float = 1.0  # loss weight of pixels on and next to objects relative to background pixels
+    teacher_weight: float = 0.0  # share of the target taken from a dense teacher's velocity (0: data only)
+    teacher_from: str | None = None  # exported weights of the teacher (default: init_from, before its attention changes)
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -62,7 +65,8 @@ class FlowMatchingModule(torch.nn.Module):
     """Text encoder and transformer as one module, so accelerate wraps, clips and checkpoints them together.
 
     Returns the flow-matching loss (a plain mean over pixels, or weighted by ``pixel_weights``) and the auxiliary
-    caption-attribute loss (0 without its head).
+    caption-attribute loss (0 without its head). With ``teacher_velocity`` the target blends the data's velocity
+    with it by ``teacher_weight`` (see `blended_target`).
     """
 
     def __init__(self, text_encoder: TextEncoder, transformer: VideoDiT, attribute_head: CaptionAttributeHead = None):
@@ -71,12 +75,13 @@ class FlowMatchingModule(torch.nn.Module):
         self.transformer = transformer
         self.attribute_head = attribute_head
 
-    def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None, pixel_weights=None):
+    def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None, pixel_weights=None,
+                teacher_velocity=None, teacher_weight: float = 0.0):
         text = self.text_encoder(input_ids, text_mask)
         tt = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - tt) * videos + tt * noise
         velocity = self.transformer(noisy, t * 1000, text, text_mask).sample
-        squared_error = (velocity.float() - (noise - videos).float()) ** 2
+        squared_error = (velocity.float() - blended_target(videos, noise, teacher_velocity, teacher_weight)) ** 2
         flow = (squared_error if pixel_weights is None else squared_error * pixel_weights).mean()
         if self.attribute_head is None:
             return flow, torch.zeros((), device=flow.device)
@@ -140,6 +145,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Trains and returns the folder of the final EMA weights (text_encoder/ and transformer/ subfolders)."""
     if cfg.foreground_weight <= 0:
         raise ValueError(f"foreground_weight must be positive (1: a plain mean), got {cfg.foreground_weight}")
+    if not 0 <= cfg.teacher_weight <= 1:
+        raise ValueError(f"teacher_weight must lie in [0, 1], got {cfg.teacher_weight}")
+    if cfg.teacher_weight and not ((cfg.teacher_from or cfg.init_from) and cfg.attention):
+        raise ValueError("teacher_weight needs a trained teacher (teacher_from, or init_from with its own attention) "
+                         "and attention (the method the student trains with)")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None)
     set_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.output_dir)
@@ -148,6 +158,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     text_encoder, transformer = build_models(cfg)
+    teacher = None
+    if cfg.teacher_weight:  # copied before the student's attention changes, so the teacher keeps the model's own
+        teacher_models = build_models(replace(cfg, init_from=cfg.teacher_from)) if cfg.teacher_from else \
+            (text_encoder, transformer)
+        teacher = DenseTeacher(*teacher_models).to(accelerator.device)
     if cfg.attention:
         # Fine-tuning with a sparse method (VMoBA is trained this way) goes through its kernel's backward.
         from t2v.training.attention_finetune import apply_training_attention
@@ -158,6 +173,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         # Fixed batch and fixed-length captions keep one graph; a block that fails to compile runs eagerly instead.
         torch._dynamo.config.suppress_errors = True
         transformer.compile_repeated_blocks(fullgraph=True)
+        if teacher is not None:
+            teacher.transformer.compile_repeated_blocks(fullgraph=True)
     attribute_head = CaptionAttributeHead(text_encoder.config.hidden_size) if cfg.caption_attribute_loss else None
     module = FlowMatchingModule(text_encoder, transformer, attribute_head)
     ema = EMAModel(module.parameters(), decay=cfg.ema_decay)
@@ -213,9 +230,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
         weights = foreground_weights(videos, cfg.foreground_weight) if cfg.foreground_weight != 1.0 else None
+        ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
         with accelerator.autocast():
-            loss, attribute_loss = module(ids.to(accelerator.device), mask.to(accelerator.device), videos, t, noise,
-                                          targets, (~drop).float(), weights)
+            teacher_velocity = teacher(ids, mask, videos, t, noise) if teacher is not None else None
+            loss, attribute_loss = module(ids, mask, videos, t, noise, targets, (~drop).float(), weights,
+                                          teacher_velocity, cfg.teacher_weight)
         accelerator.backward(loss + cfg.caption_attribute_loss * attribute_loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
