@@ -18,12 +18,11 @@ import numpy as np
 import torch
 
 from pipelines.text_to_video import TextToVideoPipeline
+from t2v import TRAINED_ATTENTION_FILE  # a folder names the attention its weights were fine-tuned with; re-exported
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
-# A pipeline folder may name the attention its weights were trained with; loading installs it unless told otherwise.
-TRAINED_ATTENTION_FILE = "attention_config.json"
 
 
 def available_models() -> dict[str, Path]:

@@ -88,11 +88,12 @@ def main(argv=None):
                              "shapes are told apart (1: a plain mean)")
     parser.add_argument("--teacher-weight", type=float, default=0.0,
                         help="with --attention: share of the regression target taken from a dense teacher's "
-                             "velocity (--teacher-from, else the --init-from model with its own attention), so the "
-                             "sparse model keeps drawing the dense model's clips (1: distillation only; 0: data only)")
+                             "velocity (--teacher-from, else the --init-from weights with dense attention), so that "
+                             "the sparse model's clips stay close to the dense model's (1: distillation only; 0: data "
+                             "only)")
     parser.add_argument("--teacher-from", default=None,
-                        help="exported weights of the dense teacher (default: --init-from); to go on distilling "
-                             "from a sparse model's export")
+                        help="exported weights of the dense teacher (default: --init-from); needed to go on "
+                             "distilling from a sparse model's export")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")

@@ -340,7 +340,7 @@ def test_training_with_the_caption_attribute_loss_logs_it_and_lowers_it(tmp_path
     assert len(attribute) == 40 and sum(attribute[-5:]) < 0.85 * sum(attribute[:5])
 
 
-def test_blended_target_splits_the_loss_between_data_and_teacher():
+def test_distillation_target_splits_the_loss_between_data_and_teacher():
     from t2v.training.distillation import blended_target
 
     videos, noise, teacher, velocity = (torch.randn(2, 3, 2, 4, 4) for _ in range(4))
@@ -400,3 +400,14 @@ def test_distillation_brings_the_sparse_model_toward_the_dense_teacher(tmp_path)
         train(TrainConfig(output_dir=str(tmp_path / "bad"), teacher_weight=1.0, attention="vmoba"))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         train(TrainConfig(output_dir=str(tmp_path / "bad"), teacher_weight=1.5))
+    with pytest.raises(ValueError, match="teacher_weight above 0"):
+        train(TrainConfig(output_dir=str(tmp_path / "bad"), teacher_from=str(init), attention="vmoba"))
+    # Sparse-fine-tuned weights run densely are no teacher: going on from them needs the dense model named.
+    from t2v.training.trainer import fine_tuned_with_sparse_attention
+
+    assert not fine_tuned_with_sparse_attention(init)
+    assert fine_tuned_with_sparse_attention(tmp_path / "teacher" / "ema")  # its run's train_config.json names vmoba
+    (init / "attention_config.json").write_text(json.dumps({"method": "vmoba", "options": sparse}))
+    with pytest.raises(ValueError, match="name the dense model"):
+        train(TrainConfig(output_dir=str(tmp_path / "bad"), init_from=str(init), teacher_weight=1.0,
+                          attention="vmoba"))

@@ -1,7 +1,7 @@
 """A frozen dense teacher for fine-tuning with sparse attention.
 
 Fine-tuning on the data alone lets a sparse model draw clips of its own: as good, maybe, but not the dense model's
-clips from the same seed. Regressing onto the dense model's velocity as well keeps it on the dense model's paths.
+clips from the same seed. Regressing onto the dense model's velocity instead pulls it toward the dense model's paths.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from accelerate.utils import broadcast, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from t2v import TRAINED_ATTENTION_FILE
 from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
@@ -49,7 +50,7 @@ class TrainConfig:
     caption_attribute_loss: float = 0.0  # weight of the auxiliary loss that reads a caption's attributes back
     foreground_weight: float = 1.0  # loss weight of pixels on and next to objects relative to background pixels
     teacher_weight: float = 0.0  # share of the target taken from a dense teacher's velocity (0: data only)
-    teacher_from: str | None = None  # exported weights of the teacher (default: init_from, before its attention changes)
+    teacher_from: str | None = None  # exported weights of the dense teacher (default: init_from, with dense attention)
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -106,6 +107,15 @@ POSITION_TABLES = ("frame_embedding", "row_embedding", "column_embedding", "fram
                    "row_modulation_embedding", "column_modulation_embedding")
 
 
+def fine_tuned_with_sparse_attention(weights: str | Path) -> bool:
+    """Whether exported weights (a pipeline folder, or a run's ema/ folder) were fine-tuned with a sparse method."""
+    weights = Path(weights)
+    if (weights / TRAINED_ATTENTION_FILE).is_file():
+        return True
+    run_config = weights.parent / "train_config.json"
+    return run_config.is_file() and bool(json.loads(run_config.read_text()).get("attention"))
+
+
 def parameter_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Optimizer groups: the position tables at `position_lr_scale` times the learning rate, the rest at it.
 
@@ -148,8 +158,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if not 0 <= cfg.teacher_weight <= 1:
         raise ValueError(f"teacher_weight must lie in [0, 1], got {cfg.teacher_weight}")
     if cfg.teacher_weight and not ((cfg.teacher_from or cfg.init_from) and cfg.attention):
-        raise ValueError("teacher_weight needs a trained teacher (teacher_from, or init_from with its own attention) "
-                         "and attention (the method the student trains with)")
+        raise ValueError("teacher_weight needs a trained teacher (teacher_from, or the init_from weights with the "
+                         "model's own dense attention) and attention (the method the student trains with)")
+    if cfg.teacher_from and not cfg.teacher_weight:
+        raise ValueError("teacher_from is used only with a teacher_weight above 0")
+    if cfg.teacher_weight and not cfg.teacher_from and fine_tuned_with_sparse_attention(cfg.init_from):
+        raise ValueError(f"init_from {cfg.init_from} was fine-tuned with a sparse attention method, so with dense "
+                         f"attention it is no teacher: name the dense model it came from with teacher_from")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None)
     set_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.output_dir)
@@ -160,8 +175,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     text_encoder, transformer = build_models(cfg)
     teacher = None
     if cfg.teacher_weight:  # copied before the student's attention changes, so the teacher keeps the model's own
-        teacher_models = build_models(replace(cfg, init_from=cfg.teacher_from)) if cfg.teacher_from else \
-            (text_encoder, transformer)
+        # The teacher is taken as saved: the student's config overrides would add untrained parts to it.
+        teacher_models = build_models(replace(cfg, init_from=cfg.teacher_from, transformer={}, text_encoder={})) \
+            if cfg.teacher_from else (text_encoder, transformer)
         teacher = DenseTeacher(*teacher_models).to(accelerator.device)
     if cfg.attention:
         # Fine-tuning with a sparse method (VMoBA is trained this way) goes through its kernel's backward.
