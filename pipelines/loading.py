@@ -23,8 +23,6 @@ from t2v import TRAINED_ATTENTION_FILE  # a folder names the attention its weigh
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
-
-
 def available_models() -> dict[str, Path]:
     """Models known by name: the one embedded in the package (first) and its variants."""
     from t2v import EMBEDDED_MODEL, EMBEDDED_VARIANTS, embedded_model_path

@@ -6,28 +6,26 @@ clips from the same seed. Regressing onto the dense model's velocity instead pul
 
 from __future__ import annotations
 
-import copy
-
 import torch
+
+from t2v.training.flow_path import path_velocity
 
 
 class DenseTeacher(torch.nn.Module):
-    """A frozen copy of a text encoder and transformer, with the attention they had when copied.
+    """A text encoder and transformer, frozen, with the attention they have when handed over.
 
-    Copy before a sparse method is installed in the student, so the teacher keeps the model's own attention.
+    Hand it copies of the student's models made before a sparse method is installed in them, or models loaded for it.
     """
 
     def __init__(self, text_encoder: torch.nn.Module, transformer: torch.nn.Module):
         super().__init__()
-        self.text_encoder = copy.deepcopy(text_encoder).eval().requires_grad_(False)
-        self.transformer = copy.deepcopy(transformer).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.transformer = transformer.eval().requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, input_ids, text_mask, videos, t, noise) -> torch.Tensor:
         """The teacher's velocity on the student's inputs (the same noisy videos and times as the flow loss)."""
-        text = self.text_encoder(input_ids, text_mask)
-        tt = t.view(-1, 1, 1, 1, 1)
-        return self.transformer((1 - tt) * videos + tt * noise, t * 1000, text, text_mask).sample
+        return path_velocity(self.transformer, self.text_encoder(input_ids, text_mask), text_mask, videos, t, noise)
 
 
 def blended_target(videos: torch.Tensor, noise: torch.Tensor, teacher_velocity: torch.Tensor | None,

@@ -7,6 +7,7 @@ training device; nothing is read from disk.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -24,6 +25,7 @@ from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
 from t2v.training.distillation import DenseTeacher, blended_target
+from t2v.training.flow_path import path_velocity
 from t2v.training.foreground_weights import foreground_weights
 
 
@@ -79,9 +81,7 @@ class FlowMatchingModule(torch.nn.Module):
     def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None, pixel_weights=None,
                 teacher_velocity=None, teacher_weight: float = 0.0):
         text = self.text_encoder(input_ids, text_mask)
-        tt = t.view(-1, 1, 1, 1, 1)
-        noisy = (1 - tt) * videos + tt * noise
-        velocity = self.transformer(noisy, t * 1000, text, text_mask).sample
+        velocity = path_velocity(self.transformer, text, text_mask, videos, t, noise)
         squared_error = (velocity.float() - blended_target(videos, noise, teacher_velocity, teacher_weight)) ** 2
         flow = (squared_error if pixel_weights is None else squared_error * pixel_weights).mean()
         if self.attribute_head is None:
@@ -174,10 +174,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
 
     text_encoder, transformer = build_models(cfg)
     teacher = None
-    if cfg.teacher_weight:  # copied before the student's attention changes, so the teacher keeps the model's own
-        # The teacher is taken as saved: the student's config overrides would add untrained parts to it.
+    if cfg.teacher_weight:
+        # A named teacher is taken as saved (the student's config overrides would add untrained parts to it); else
+        # the student's models are copied before their attention changes, so the teacher keeps the model's own.
         teacher_models = build_models(replace(cfg, init_from=cfg.teacher_from, transformer={}, text_encoder={})) \
-            if cfg.teacher_from else (text_encoder, transformer)
+            if cfg.teacher_from else (copy.deepcopy(text_encoder), copy.deepcopy(transformer))
         teacher = DenseTeacher(*teacher_models).to(accelerator.device)
     if cfg.attention:
         # Fine-tuning with a sparse method (VMoBA is trained this way) goes through its kernel's backward.
