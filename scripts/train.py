@@ -94,6 +94,10 @@ def main(argv=None):
     parser.add_argument("--teacher-from", default=None,
                         help="exported weights of the dense teacher (default: --init-from); needed to go on "
                              "distilling from a sparse model's export")
+    parser.add_argument("--distill-guidance-scale", type=float, default=0.0,
+                        help="with --teacher-weight: train on pairs of passes (with and without the caption) and fit "
+                             "the teacher's classifier-free-guided velocity at this scale as well as each pass; use "
+                             "the scale the pipeline samples with (0: off)")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
@@ -124,7 +128,7 @@ def main(argv=None):
         seed=args.seed, timestep_shift=args.timestep_shift, min_timestep=args.min_timestep,
         position_lr_scale=args.position_lr_scale, caption_attribute_loss=args.caption_attribute_loss,
         foreground_weight=args.foreground_weight, teacher_weight=args.teacher_weight,
-        teacher_from=args.teacher_from,
+        teacher_from=args.teacher_from, distill_guidance_scale=args.distill_guidance_scale,
         save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,

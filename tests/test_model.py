@@ -353,6 +353,35 @@ def test_distillation_target_splits_the_loss_between_data_and_teacher():
     torch.testing.assert_close(blended_target(videos, noise, None, 0.5), data)
 
 
+def test_guidance_pairs_fit_the_guided_velocity_as_well_as_each_pass():
+    from t2v.training.distillation import guidance_pairs
+    from t2v.training.flow_path import path_velocity
+    from t2v.training.foreground_weights import foreground_weights
+    from t2v.training.trainer import FlowMatchingModule
+
+    torch.manual_seed(0)
+    encoder, transformer = TextEncoder(vocab=vocabulary(), **TINY_TEXT), randomised(VideoDiT(**TINY_DIT))
+    module = FlowMatchingModule(encoder, transformer)
+    videos, noise = torch.rand(5, 3, 4, 16, 16) * 2 - 1, torch.randn(5, 3, 4, 16, 16)
+    videos, t, noise = guidance_pairs(2, videos, torch.rand(5), noise)  # 2 clips of 5, each twice
+    assert len(videos) == 4 and torch.equal(videos[:2], videos[2:]) and torch.equal(noise[:2], noise[2:])
+    ids, mask = encoder.tokenize(["a red circle moves to the left", "a blue square grows", "", ""])
+    teacher, weights = torch.randn_like(videos), foreground_weights(videos, 4.0)
+    scale = 2.5
+    with torch.no_grad():
+        loss, _ = module(ids, mask, videos, t, noise, pixel_weights=weights, teacher_velocity=teacher,
+                         teacher_weight=1.0, guidance_scale=scale)
+        velocity = path_velocity(transformer, encoder(ids, mask), mask, videos, t, noise)
+
+    def guided(v):  # what the pipeline samples with: u + s * (c - u)
+        return v[2:] + scale * (v[:2] - v[2:])
+
+    each_pass = ((velocity - teacher) ** 2 * weights).mean()
+    guided_fit = ((guided(velocity) - guided(teacher)) ** 2 * weights[:2]).mean() / scale ** 2
+    torch.testing.assert_close(loss, (each_pass + guided_fit) / 2)
+    assert guided_fit > 0.1 * each_pass  # the guided term is not lost in the sum
+
+
 def test_distillation_brings_the_sparse_model_toward_the_dense_teacher(tmp_path):
     import attention
 
@@ -362,11 +391,12 @@ def test_distillation_brings_the_sparse_model_toward_the_dense_teacher(tmp_path)
     TextEncoder(vocab=vocabulary(), **TINY_TEXT).save_pretrained(init / "text_encoder")
     sparse = dict(block_size=16, sparsity=0.75)
 
-    def fine_tune(name, teacher_weight, steps=150, teacher_from=None, **options):
+    def fine_tune(name, teacher_weight, steps=150, teacher_from=None, distill_guidance_scale=0.0, **options):
         cfg = TrainConfig(output_dir=str(tmp_path / name), steps=steps, batch_size=8, learning_rate=1e-4,
                           warmup_steps=1, ema_decay=0.0, log_every=1, save_every=1000, frames=4, height=16,
                           width=16, init_from=str(init), teacher_weight=teacher_weight, teacher_from=teacher_from,
-                          attention="vmoba", attention_options=options or sparse)
+                          distill_guidance_scale=distill_guidance_scale, attention="vmoba",
+                          attention_options=options or sparse)
         return train(cfg), [json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
 
     # Fixed inputs on which each student is compared with the dense teacher (the initial weights, own attention).
@@ -392,6 +422,8 @@ def test_distillation_brings_the_sparse_model_toward_the_dense_teacher(tmp_path)
     assert gap["teacher"] < 0.2 * gap["data"]  # ...where training on the (random model's unseen) data moves it away
     # VMoBA keeping every block is the teacher's own dense attention: nothing to learn at the first step.
     assert fine_tune("all-blocks", 1.0, steps=1, block_size=16, threshold=1.0)[1][0] < 1e-8
+    assert fine_tune("all-blocks-pairs", 1.0, steps=1, distill_guidance_scale=2.5, block_size=16,
+                     threshold=1.0)[1][0] < 1e-8  # likewise with guidance pairs: both passes see the same inputs
     # A teacher named apart is loaded from its own folder: here the data-trained weights, not the initial ones.
     other = fine_tune("other-teacher", 1.0, steps=1, teacher_from=str(tmp_path / "data" / "ema"), block_size=16,
                       threshold=1.0)[1][0]
@@ -402,6 +434,10 @@ def test_distillation_brings_the_sparse_model_toward_the_dense_teacher(tmp_path)
         train(TrainConfig(output_dir=str(tmp_path / "bad"), teacher_weight=1.5))
     with pytest.raises(ValueError, match="teacher_weight above 0"):
         train(TrainConfig(output_dir=str(tmp_path / "bad"), teacher_from=str(init), attention="vmoba"))
+    for scale, weight, batch in ((2.5, 0.0, 8), (1.0, 1.0, 8), (2.5, 1.0, 1)):
+        with pytest.raises(ValueError, match="distill_guidance_scale must be above 1"):
+            train(TrainConfig(output_dir=str(tmp_path / "bad"), init_from=str(init), attention="vmoba",
+                              teacher_weight=weight, distill_guidance_scale=scale, batch_size=batch))
     # Sparse-fine-tuned weights run densely are no teacher: going on from them needs the dense model named.
     from t2v.training.trainer import fine_tuned_with_sparse_attention
 

@@ -39,3 +39,20 @@ def blended_target(videos: torch.Tensor, noise: torch.Tensor, teacher_velocity: 
     if teacher_velocity is None or teacher_weight == 0:
         return target
     return torch.lerp(target, teacher_velocity.float(), teacher_weight)
+
+
+def guidance_pairs(half: int, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The first ``half`` clips of each tensor, twice: the student and teacher see each noisy clip once with its
+    caption and once without, so that their classifier-free-guided velocities can be compared."""
+    return tuple(torch.cat([x[:half], x[:half]]) for x in batch)
+
+
+def guided_error(error: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The error of the guided velocity u + s * (c - u) for a batch laid out [captioned half; uncaptioned half],
+    divided by s so that it is on the scale of one velocity's error.
+
+    Sampling with guidance scale s moves along s * c - (s - 1) * u, so the student's errors on the two passes count
+    s and s - 1 times there, and opposite errors cancel; fitting each pass alone weighs neither fact.
+    """
+    captioned, uncaptioned = error.chunk(2)
+    return captioned - (1 - 1 / guidance_scale) * uncaptioned

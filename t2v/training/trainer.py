@@ -24,7 +24,7 @@ from t2v import TRAINED_ATTENTION_FILE
 from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
-from t2v.training.distillation import DenseTeacher, blended_target
+from t2v.training.distillation import DenseTeacher, blended_target, guidance_pairs, guided_error
 from t2v.training.flow_path import path_velocity
 from t2v.training.foreground_weights import foreground_weights
 
@@ -53,6 +53,7 @@ class TrainConfig:
     foreground_weight: float = 1.0  # loss weight of pixels on and next to objects relative to background pixels
     teacher_weight: float = 0.0  # share of the target taken from a dense teacher's velocity (0: data only)
     teacher_from: str | None = None  # exported weights of the dense teacher (default: init_from, with dense attention)
+    distill_guidance_scale: float = 0.0  # above 1: also fit the teacher's guided velocity at this scale (0: off)
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -79,14 +80,21 @@ class FlowMatchingModule(torch.nn.Module):
         self.attribute_head = attribute_head
 
     def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None, pixel_weights=None,
-                teacher_velocity=None, teacher_weight: float = 0.0):
+                teacher_velocity=None, teacher_weight: float = 0.0, guidance_scale: float = 0.0):
         text = self.text_encoder(input_ids, text_mask)
         velocity = path_velocity(self.transformer, text, text_mask, videos, t, noise)
-        squared_error = (velocity.float() - blended_target(videos, noise, teacher_velocity, teacher_weight)) ** 2
-        flow = (squared_error if pixel_weights is None else squared_error * pixel_weights).mean()
+        error = velocity.float() - blended_target(videos, noise, teacher_velocity, teacher_weight)
+        flow = weighted_mean(error ** 2, pixel_weights)
+        if guidance_scale:  # a batch of guidance pairs: half the loss on each pass, half on the guided velocity
+            half = None if pixel_weights is None else pixel_weights.chunk(2)[0]
+            flow = (flow + weighted_mean(guided_error(error, guidance_scale) ** 2, half)) / 2
         if self.attribute_head is None:
             return flow, torch.zeros((), device=flow.device)
         return flow, self.attribute_head(text, text_mask, attribute_targets, stated)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return (values if weights is None else values * weights).mean()
 
 
 def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
@@ -162,6 +170,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                          "model's own dense attention) and attention (the method the student trains with)")
     if cfg.teacher_from and not cfg.teacher_weight:
         raise ValueError("teacher_from is used only with a teacher_weight above 0")
+    if cfg.distill_guidance_scale and not (cfg.teacher_weight and cfg.distill_guidance_scale > 1
+                                           and cfg.batch_size >= 2):
+        raise ValueError(f"distill_guidance_scale must be above 1 (a guidance scale) and needs a teacher_weight "
+                         f"above 0 and a batch of at least one pair, got {cfg.distill_guidance_scale} with "
+                         f"teacher_weight {cfg.teacher_weight} and batch_size {cfg.batch_size}")
     if cfg.teacher_weight and not cfg.teacher_from and fine_tuned_with_sparse_attention(cfg.init_from):
         raise ValueError(f"init_from {cfg.init_from} was fine-tuned with a sparse attention method, so with dense "
                          f"attention it is no teacher: name the dense model it came from with teacher_from")
@@ -242,16 +255,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         videos, captions, _ = world.sample(cfg.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
         targets = attribute_targets(captions).to(accelerator.device) if attribute_head is not None else None
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
         t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
+        if cfg.distill_guidance_scale:  # half the clips, each with its caption, then each without
+            half = len(captions) // 2
+            videos, t, noise = guidance_pairs(half, videos, t, noise)
+            targets = guidance_pairs(half, targets)[0] if targets is not None else None
+            captions, drop = captions[:half] * 2, torch.arange(2 * half, device=accelerator.device) >= half
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
         weights = foreground_weights(videos, cfg.foreground_weight) if cfg.foreground_weight != 1.0 else None
         ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
         with accelerator.autocast():
             teacher_velocity = teacher(ids, mask, videos, t, noise) if teacher is not None else None
             loss, attribute_loss = module(ids, mask, videos, t, noise, targets, (~drop).float(), weights,
-                                          teacher_velocity, cfg.teacher_weight)
+                                          teacher_velocity, cfg.teacher_weight, cfg.distill_guidance_scale)
         accelerator.backward(loss + cfg.caption_attribute_loss * attribute_loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
