@@ -97,7 +97,8 @@ def main(argv=None):
     parser.add_argument("--distill-guidance-scale", type=float, default=0.0,
                         help="with --teacher-weight: train on pairs of passes (with and without the caption) and fit "
                              "the teacher's classifier-free-guided velocity at this scale as well as each pass; use "
-                             "the scale the pipeline samples with (0: off)")
+                             "the scale the pipeline samples with. A step then sees half as many clips (batch // 2, "
+                             "each twice) and no caption dropout (0: off)")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")

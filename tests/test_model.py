@@ -422,8 +422,24 @@ def test_distillation_brings_the_sparse_model_toward_the_dense_teacher(tmp_path)
     assert gap["teacher"] < 0.2 * gap["data"]  # ...where training on the (random model's unseen) data moves it away
     # VMoBA keeping every block is the teacher's own dense attention: nothing to learn at the first step.
     assert fine_tune("all-blocks", 1.0, steps=1, block_size=16, threshold=1.0)[1][0] < 1e-8
-    assert fine_tune("all-blocks-pairs", 1.0, steps=1, distill_guidance_scale=2.5, block_size=16,
-                     threshold=1.0)[1][0] < 1e-8  # likewise with guidance pairs: both passes see the same inputs
+    # With guidance pairs the second half of the batch repeats the first on the same noisy clips, uncaptioned.
+    from t2v.training.trainer import FlowMatchingModule
+
+    seen, forward = {}, FlowMatchingModule.forward
+
+    def recording(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None, *rest):
+        seen.update(ids=input_ids, mask=text_mask, videos=videos, t=t, noise=noise, stated=stated)
+        return forward(self, input_ids, text_mask, videos, t, noise, attribute_targets, stated, *rest)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FlowMatchingModule, "forward", recording)
+        fine_tune("pairs", 1.0, steps=1, distill_guidance_scale=2.5)
+    for name in ("videos", "t", "noise"):
+        assert torch.equal(*seen[name].chunk(2)), name
+    empty_ids, empty_mask = encoder.tokenize([""] * 4)
+    assert torch.equal(seen["ids"][4:], empty_ids) and torch.equal(seen["mask"][4:], empty_mask)
+    assert seen["mask"][:4].sum(1).gt(empty_mask.sum(1)).all()  # the first half keeps its captions
+    assert seen["stated"].tolist() == [1.0] * 4 + [0.0] * 4
     # A teacher named apart is loaded from its own folder: here the data-trained weights, not the initial ones.
     other = fine_tune("other-teacher", 1.0, steps=1, teacher_from=str(tmp_path / "data" / "ema"), block_size=16,
                       threshold=1.0)[1][0]
