@@ -86,8 +86,8 @@ class FlowMatchingModule(torch.nn.Module):
         error = velocity.float() - blended_target(videos, noise, teacher_velocity, teacher_weight)
         flow = weighted_mean(error ** 2, pixel_weights)
         if guidance_scale:  # a batch of guidance pairs: half the loss on each pass, half on the guided velocity
-            half = None if pixel_weights is None else pixel_weights.chunk(2)[0]
-            flow = (flow + weighted_mean(guided_error(error, guidance_scale) ** 2, half)) / 2
+            pair_weights = None if pixel_weights is None else pixel_weights.chunk(2)[0]
+            flow = (flow + weighted_mean(guided_error(error, guidance_scale) ** 2, pair_weights)) / 2
         if self.attribute_head is None:
             return flow, torch.zeros((), device=flow.device)
         return flow, self.attribute_head(text, text_mask, attribute_targets, stated)
@@ -257,6 +257,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         targets = attribute_targets(captions).to(accelerator.device) if attribute_head is not None else None
         t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
+        # With guidance pairs `drop` is replaced below; drawing it anyway keeps the times and noise the same draws.
         if cfg.distill_guidance_scale:  # half the clips, each with its caption, then each without
             half = len(captions) // 2
             videos, t, noise = guidance_pairs(half, videos, t, noise)
