@@ -99,6 +99,15 @@ def main(argv=None):
                              "the teacher's classifier-free-guided velocity at this scale as well as each pass; use "
                              "the scale the pipeline samples with. A step then sees half as many clips (batch // 2, "
                              "each twice) and no caption dropout (0: off)")
+    parser.add_argument("--on-policy-share", type=float, default=0.0,
+                        help="with --teacher-weight 1: share of each batch taken from states on the student's own "
+                             "guided sampling paths instead of noised data clips, so that it learns the teacher's "
+                             "velocity where its own sampler goes; paths are sampled batch // 2 at a time as the "
+                             "store runs out; --min-timestep does not apply to them (0: off)")
+    parser.add_argument("--on-policy-guidance-scale", type=float, default=TrainConfig.on_policy_guidance_scale,
+                        help="the guidance scale of those paths (the one the pipeline samples with)")
+    parser.add_argument("--on-policy-steps", type=int, default=TrainConfig.on_policy_steps,
+                        help="the sampling steps of those paths (the ones the pipeline is run with)")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
@@ -130,6 +139,8 @@ def main(argv=None):
         position_lr_scale=args.position_lr_scale, caption_attribute_loss=args.caption_attribute_loss,
         foreground_weight=args.foreground_weight, teacher_weight=args.teacher_weight,
         teacher_from=args.teacher_from, distill_guidance_scale=args.distill_guidance_scale,
+        on_policy_share=args.on_policy_share, on_policy_guidance_scale=args.on_policy_guidance_scale,
+        on_policy_steps=args.on_policy_steps,
         save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,

@@ -106,6 +106,11 @@ class VideoWorld:
                         device=self.device)
         return videos, captions, specs
 
+    def sample_captions(self, batch_size: int, generator: torch.Generator | None = None) -> list[str]:
+        """Captions drawn as `sample` draws them, without rendering their clips."""
+        rng = as_python_rng(generator)
+        return [caption(spec, rng) for spec in sample_specs(batch_size, rng, self.split, self.two_object_prob)]
+
 
 def prompt_suite(split: str = "heldout", n_prompts: int = 200, seed: int = 0) -> list[tuple[str, ClipSpec]]:
     """A fixed evaluation list of (canonical caption, spec); about one in five has two objects."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -27,6 +28,7 @@ from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targ
 from t2v.training.distillation import DenseTeacher, blended_target, guidance_pairs, guided_error
 from t2v.training.flow_path import path_velocity
 from t2v.training.foreground_weights import foreground_weights
+from t2v.training.on_policy import OnPolicyStates
 
 
 @dataclass
@@ -54,6 +56,9 @@ class TrainConfig:
     teacher_weight: float = 0.0  # share of the target taken from a dense teacher's velocity (0: data only)
     teacher_from: str | None = None  # exported weights of the dense teacher (default: init_from, with dense attention)
     distill_guidance_scale: float = 0.0  # above 1: also fit the teacher's guided velocity at this scale (0: off)
+    on_policy_share: float = 0.0  # share of each batch taken from the student's own guided sampling paths (0: off)
+    on_policy_guidance_scale: float = 2.5  # the guidance scale those paths are sampled with
+    on_policy_steps: int = 20  # the number of sampling steps of those paths
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -159,6 +164,13 @@ def sample_timesteps(batch: int, generator: torch.Generator, device, shift: floa
     return low + (1 - low) * t  # the same shape of distribution, squeezed into [low, 1)
 
 
+def sampling_scheduler(cfg: TrainConfig) -> FlowMatchEulerDiscreteScheduler:
+    """The sampler's scheduler as exported with the init weights, else one with the training times' shift."""
+    if cfg.init_from and (Path(cfg.init_from) / "scheduler").is_dir():
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(cfg.init_from, subfolder="scheduler")
+    return FlowMatchEulerDiscreteScheduler(shift=cfg.timestep_shift)
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Trains and returns the folder of the final EMA weights (text_encoder/ and transformer/ subfolders)."""
     if cfg.foreground_weight <= 0:
@@ -175,6 +187,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         raise ValueError(f"distill_guidance_scale must be above 1 (a guidance scale) and needs a teacher_weight "
                          f"above 0 and a batch of at least one pair, got {cfg.distill_guidance_scale} with "
                          f"teacher_weight {cfg.teacher_weight} and batch_size {cfg.batch_size}")
+    if cfg.on_policy_share and cfg.teacher_weight != 1:
+        # There the data's velocity would point at the clip the student's own path ended at.
+        raise ValueError(f"on_policy_share needs teacher_weight 1 (the teacher's velocity is the only target on the "
+                         f"student's own paths), got teacher_weight {cfg.teacher_weight}")
     if cfg.teacher_weight and not cfg.teacher_from and fine_tuned_with_sparse_attention(cfg.init_from):
         raise ValueError(f"init_from {cfg.init_from} was fine-tuned with a sparse attention method, so with dense "
                          f"attention it is no teacher: name the dense model it came from with teacher_from")
@@ -248,15 +264,27 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                        two_object_prob=cfg.two_object_prob, device=accelerator.device)
     generator = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index + start_step)
     tokenizer = accelerator.unwrap_model(module).text_encoder
+    on_policy = None
+    if cfg.on_policy_share:
+        on_policy = OnPolicyStates(cfg.on_policy_share, cfg.batch_size, cfg.on_policy_guidance_scale,
+                                   sampling_scheduler(cfg), cfg.on_policy_steps,
+                                   clips_used=cfg.batch_size // 2 if cfg.distill_guidance_scale else cfg.batch_size)
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                     disable=not accelerator.is_local_main_process, desc="train")
     step = start_step
     for step in progress:
         videos, captions, _ = world.sample(cfg.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
-        targets = attribute_targets(captions).to(accelerator.device) if attribute_head is not None else None
         t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
         noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
+        if on_policy is not None:
+            if on_policy.needs_refill():
+                student = accelerator.unwrap_model(module)
+                with accelerator.autocast():
+                    on_policy.refill(student.text_encoder, student.transformer,
+                                     world.sample_captions(on_policy.paths, generator), generator)
+            videos, captions, t, noise = on_policy.mix_into(videos, captions, t, noise)
+        targets = attribute_targets(captions).to(accelerator.device) if attribute_head is not None else None
         # With guidance pairs `drop` is replaced below; drawing it anyway keeps the times and noise the same draws.
         if cfg.distill_guidance_scale:  # half the clips, each with its caption, then each without
             half = len(captions) // 2
