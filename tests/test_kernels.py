@@ -21,8 +21,16 @@ def rand_qkv(B, H, N, M, D, dtype=torch.float32, grad=False, seed=0):
     return [t.requires_grad_(grad) for t in (q, k, v)]
 
 
+@pytest.fixture(params=["gather", "mask"])
+def reference_strategy(request, monkeypatch):
+    """Runs a test through each of the reference's two ways: gathering listed blocks (its CPU way) and masking
+    all-keys logits (its GPU way)."""
+    monkeypatch.setattr(R, "_mask_instead_of_gather", lambda q: request.param == "mask")
+    return request.param
+
+
 @pytest.mark.parametrize("N,M,bs", [(256, 256, 64), (1000, 1000, 64), (200, 333, 32)])
-def test_full_density_equals_dense(N, M, bs):
+def test_full_density_equals_dense(N, M, bs, reference_strategy):
     q, k, v = rand_qkv(1, 2, N, M, 32)
     index, count = R.full_block_index(math.ceil(N / bs), math.ceil(M / bs), 1, 2)
     out, lse = R.block_sparse_attention(q, k, v, index, count, block_size=bs)
@@ -35,7 +43,7 @@ def test_full_density_equals_dense(N, M, bs):
     assert rel(ref_lse, torch.logsumexp(s, -1)) < 1e-5
 
 
-def test_sparse_selection_matches_masked_dense():
+def test_sparse_selection_matches_masked_dense(reference_strategy):
     B, H, N, M, D, bs = 2, 2, 150, 170, 16, 32
     q, k, v = rand_qkv(B, H, N, M, D, dtype=torch.float64)
     nqb, nkb = math.ceil(N / bs), math.ceil(M / bs)
@@ -53,7 +61,7 @@ def test_sparse_selection_matches_masked_dense():
     assert rel(lse, torch.logsumexp(s, -1)) < 1e-6  # lse is returned in float32
 
 
-def test_pooled_entry_equals_repeated_keys():
+def test_pooled_entry_equals_repeated_keys(reference_strategy):
     B, H, N, M, D, bs, P = 1, 2, 96, 100, 16, 32, 3
     q, k, v = rand_qkv(B, H, N, M, D, dtype=torch.float64)
     g = torch.Generator().manual_seed(2)
@@ -84,7 +92,7 @@ def test_pooled_entry_equals_repeated_keys():
                 assert rel(lse[b, h, rows], torch.logsumexp(s, -1)) < 1e-6
 
 
-def test_empty_lists_give_zero_and_neg_inf():
+def test_empty_lists_give_zero_and_neg_inf(reference_strategy):
     B, H, N, M, D, bs = 1, 2, 100, 100, 16, 32
     q, k, v = rand_qkv(B, H, N, M, D, grad=True)
     nqb = math.ceil(N / bs)
@@ -120,7 +128,7 @@ def test_merge_of_disjoint_halves_equals_dense():
     assert torch.all(out3 == 0) and torch.all(lse3 == float("-inf"))
 
 
-def test_gradients_match_dense_autograd():
+def test_gradients_match_dense_autograd(reference_strategy):
     B, H, N, M, D, bs = 1, 2, 90, 110, 16, 32
     q, k, v = rand_qkv(B, H, N, M, D, dtype=torch.float64, grad=True)
     index, count = R.full_block_index(math.ceil(N / bs), math.ceil(M / bs), B, H)
@@ -135,7 +143,7 @@ def test_gradients_match_dense_autograd():
         assert rel(a, b) < 1e-6
 
 
-def test_pooled_gradients_finite_and_match_expanded():
+def test_pooled_gradients_finite_and_match_expanded(reference_strategy):
     # d/d pooled_k of an entry with weight n equals the summed grads of its n copies.
     B, H, N, M, D, bs = 1, 1, 64, 64, 8, 32
     q, k, v = rand_qkv(B, H, N, M, D, dtype=torch.float64)
@@ -184,7 +192,7 @@ def test_dispatch_falls_back_on_cpu_with_one_warning_per_dtype(monkeypatch):
     assert none is None and rel(out3, ref_out) < 1e-5
 
 
-def test_reference_keeps_input_dtype():
+def test_reference_keeps_input_dtype(reference_strategy):
     q, k, v = rand_qkv(1, 1, 70, 70, 16, dtype=torch.bfloat16)
     index, count = R.full_block_index(2, 2, 1, 1)
     out, lse = R.block_sparse_attention(q, k, v, index, count, block_size=64)

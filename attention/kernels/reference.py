@@ -3,7 +3,8 @@
 Shapes: q (B, H, N, D); k, v (B, H, M, D). Queries and keys are cut into blocks of
 ``block_size``; query block b reads the key blocks ``kv_block_index[..., b, :count]`` plus
 optional pooled entries. Work is done in float32 (float64 stays float64) and chunked over
-query blocks so that no N x M matrix is built when the selection is sparse.
+query blocks: on a CPU each chunk gathers its listed key blocks, so that no N x M matrix is built; on a GPU each
+chunk masks its logits over all keys.
 """
 
 import math
@@ -90,6 +91,9 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, *, block_siz
         pk, pv = pooled_k.to(cdt), pooled_v.to(cdt)
         plw = pooled_log_weight.to(device=dev, dtype=cdt)
 
+    if _mask_instead_of_gather(q):
+        return _masked_block_sparse(qf, kf, vf, idx, entry_ok, key_ok, pk if has_pool else None,
+                                    pv if has_pool else None, plw if has_pool else None, scale, N, q.dtype)
     g = max(1, _CHUNK_ELEMS // max(1, B * H * max(maxk, 1) * bs * max(D, bs)))
     outs, lses = [], []
     for s in range(0, nqb, g):
@@ -114,6 +118,47 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, *, block_siz
     out = torch.cat(outs, 2).flatten(2, 3)[:, :, :N]
     lse = torch.cat(lses, 2).flatten(2, 3)[:, :, :N]
     return out.to(q.dtype), lse.float()
+
+
+def _mask_instead_of_gather(q) -> bool:
+    """Whether to mask all-keys logits instead of gathering the listed blocks' keys and values.
+
+    Gathering copies 2 * block_size * head_dim numbers per listed block and query block where masking computes
+    block_size^2 logits per key block, listed or not. A GPU does the dense products fast and the copies slowly (the
+    reference runs there for block sizes the Triton kernel does not take); a CPU is the other way round.
+    """
+    return q.is_cuda
+
+
+def _masked_block_sparse(qf, kf, vf, idx, entry_ok, key_ok, pk, pv, plw, scale, N, out_dtype):
+    """The same attention as the gathering loop, from all-keys logits with the unlisted blocks masked out.
+
+    qf, kf, vf are blocked (B, H, blocks, bs, D); chunks of query blocks bound the logits' size.
+    """
+    B, H, nqb, bs, D = qf.shape
+    nkb = kf.shape[2]
+    # Entries past the count go to a spare column, dropped after.
+    listed = torch.zeros(B, H, nqb, nkb + 1, dtype=torch.bool, device=qf.device)
+    listed = listed.scatter_(-1, torch.where(entry_ok, idx, nkb), True)[..., :nkb]
+    keys_ok = (listed[..., None] & key_ok).flatten(-2)                # (B, H, nqb, M_padded)
+    k_all, v_all = kf.flatten(2, 3), vf.flatten(2, 3)                 # (B, H, M_padded, D)
+    g = max(1, _CHUNK_ELEMS // max(1, B * H * bs * k_all.shape[2]))
+    outs, lses = [], []
+    for s in range(0, nqb, g):
+        qc = qf[:, :, s:s + g].flatten(2, 3)                          # (B, H, g * bs, D)
+        logits = torch.matmul(qc, k_all.transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~keys_ok[:, :, s:s + g].repeat_interleave(bs, 2), float("-inf"))
+        nk = logits.shape[-1]
+        if pk is not None:
+            pl = torch.matmul(qc, pk.transpose(-1, -2)) * scale + plw[:, :, s:s + g].repeat_interleave(bs, 2)
+            logits = torch.cat([logits, pl], -1)
+        p, lse = _softmax_and_lse(logits)
+        o = torch.matmul(p[..., :nk], v_all)
+        if pk is not None:
+            o = o + torch.matmul(p[..., nk:], pv)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2)[:, :, :N].to(out_dtype), torch.cat(lses, 2)[:, :, :N].float()
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
