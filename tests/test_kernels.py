@@ -25,8 +25,36 @@ def rand_qkv(B, H, N, M, D, dtype=torch.float32, grad=False, seed=0):
 def reference_strategy(request, monkeypatch):
     """Runs a test through each of the reference's two ways: gathering listed blocks (its CPU way) and masking
     all-keys logits (its GPU way)."""
-    monkeypatch.setattr(R, "_mask_instead_of_gather", lambda q: request.param == "mask")
+    monkeypatch.setattr(R, "_mask_instead_of_gather", lambda *args: request.param == "mask")
     return request.param
+
+
+def test_masking_and_gathering_are_the_same_attention(monkeypatch):
+    # Padded queries and keys, pooled entries (one of them off), junk past the count, an empty row, and chunks of one
+    # query block: both ways must give the same outputs, lse and gradients.
+    B, H, N, M, D, bs, P = 2, 2, 45, 61, 8, 8, 3
+    g = torch.Generator().manual_seed(3)
+    nqb, nkb = math.ceil(N / bs), math.ceil(M / bs)
+    mask = torch.rand(B, H, nqb, nkb, generator=g) < 0.4
+    index, count = R.block_index_from_mask(mask | (torch.arange(nkb) == 0))
+    count[0, 1, 2] = 0
+    index = torch.where(torch.arange(index.shape[-1]) >= count[..., None], torch.randint_like(index, nkb), index)
+    pooled = [torch.randn(B, H, P, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    log_weight = torch.randn(B, H, nqb, P, generator=g, dtype=torch.float64)
+    log_weight[..., 1] = float("-inf")
+    log_weight[0, 1, 2] = float("-inf")  # with count 0 there, a row that attends to nothing
+    results = {}
+    monkeypatch.setattr(R, "_CHUNK_ELEMS", 1)
+    for way in ("gather", "mask"):
+        monkeypatch.setattr(R, "_mask_instead_of_gather", lambda *args, way=way: way == "mask")
+        q, k, v = rand_qkv(B, H, N, M, D, dtype=torch.float64, grad=True, seed=4)
+        out, lse = R.block_sparse_attention(q, k, v, index, count, block_size=bs, pooled_k=pooled[0],
+                                            pooled_v=pooled[1], pooled_log_weight=log_weight)
+        grads = torch.autograd.grad(out.square().sum() + lse[torch.isfinite(lse)].sum(), (q, k, v, *pooled))
+        results[way] = (out, lse, *grads)
+    assert torch.isinf(results["mask"][1][0, 1, 2 * bs:3 * bs]).all()  # the empty row
+    for gathered, masked in zip(results["gather"], results["mask"]):
+        torch.testing.assert_close(masked, gathered, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("N,M,bs", [(256, 256, 64), (1000, 1000, 64), (200, 333, 32)])

@@ -3,8 +3,8 @@
 Shapes: q (B, H, N, D); k, v (B, H, M, D). Queries and keys are cut into blocks of
 ``block_size``; query block b reads the key blocks ``kv_block_index[..., b, :count]`` plus
 optional pooled entries. Work is done in float32 (float64 stays float64) and chunked over
-query blocks: on a CPU each chunk gathers its listed key blocks, so that no N x M matrix is built; on a GPU each
-chunk masks its logits over all keys.
+query blocks: each chunk gathers its listed key blocks, so that no N x M matrix is built, or, on a GPU where that
+copies more than all keys' logits would take, masks its logits over all keys.
 """
 
 import math
@@ -91,7 +91,7 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, *, block_siz
         pk, pv = pooled_k.to(cdt), pooled_v.to(cdt)
         plw = pooled_log_weight.to(device=dev, dtype=cdt)
 
-    if _mask_instead_of_gather(q):
+    if _mask_instead_of_gather(q, maxk * bs, M):
         return _masked_block_sparse(qf, kf, vf, idx, entry_ok, key_ok, pk if has_pool else None,
                                     pv if has_pool else None, plw if has_pool else None, scale, N, q.dtype)
     g = max(1, _CHUNK_ELEMS // max(1, B * H * max(maxk, 1) * bs * max(D, bs)))
@@ -120,14 +120,15 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, *, block_siz
     return out.to(q.dtype), lse.float()
 
 
-def _mask_instead_of_gather(q) -> bool:
+def _mask_instead_of_gather(q, listed_keys: int, keys: int) -> bool:
     """Whether to mask all-keys logits instead of gathering the listed blocks' keys and values.
 
-    Gathering copies 2 * block_size * head_dim numbers per listed block and query block where masking computes
-    block_size^2 logits per key block, listed or not. A GPU does the dense products fast and the copies slowly (the
-    reference runs there for block sizes the Triton kernel does not take); a CPU is the other way round.
+    Per query, gathering copies 2 * head_dim numbers for each listed key and masking computes one logit for every key.
+    A GPU does the dense products fast and the copies slowly, so there the smaller of the two wins (masking, for
+    short sequences such as the small blocks the Triton kernel does not take); a CPU is bound by the products, so
+    it gathers.
     """
-    return q.is_cuda
+    return q.is_cuda and keys <= 2 * listed_keys * q.shape[-1]
 
 
 def _masked_block_sparse(qf, kf, vf, idx, entry_ok, key_ok, pk, pv, plw, scale, N, out_dtype):
