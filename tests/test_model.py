@@ -6,11 +6,8 @@ import torch
 from t2v.data import VideoWorld, vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training import TrainConfig, train
-from tiny_models import randomised
+from tiny_models import TINY_DIT, TINY_TEXT, randomised
 
-TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=48, text_dim=16, freq_dim=16,
-                max_frames=8, max_height=16, max_width=16, sample_frames=4, sample_height=16, sample_width=16)
-TINY_TEXT = dict(hidden_size=16, num_layers=1, num_heads=2)
 
 
 def test_video_dit_output_shape_and_dependence_on_text():

@@ -10,15 +10,12 @@ from t2v.data import vocabulary
 from t2v.models import TextEncoder, VideoDiT
 from t2v.training import TrainConfig, train
 from t2v.training.on_policy import OnPolicyStates
-from tiny_models import randomised
+from tiny_models import TINY_DIT, TINY_TEXT, randomised
 
-TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=48, text_dim=16, freq_dim=16,
-                max_frames=8, max_height=16, max_width=16, sample_frames=4, sample_height=16, sample_width=16)
-TINY_TEXT = dict(hidden_size=16, num_layers=1, num_heads=2)
 CAPTIONS = ["a red circle moves to the left", "a blue square moves up on white", "a green triangle grows"]
 
 
-def tiny_models():
+def tiny_encoder_and_transformer():
     torch.manual_seed(0)
     encoder = TextEncoder(vocab=vocabulary(), **TINY_TEXT)
     with torch.no_grad():
@@ -28,7 +25,7 @@ def tiny_models():
 
 
 def test_sampled_paths_are_the_pipelines_paths():
-    encoder, transformer = tiny_models()
+    encoder, transformer = tiny_encoder_and_transformer()
     scale, steps = 3.0, 5
     states = OnPolicyStates(1.0, 2 * len(CAPTIONS), scale, FlowMatchEulerDiscreteScheduler(shift=3.0), steps)
     inputs, times, ends, path = states.sample_paths(encoder, transformer, CAPTIONS, torch.Generator().manual_seed(0))
@@ -52,7 +49,7 @@ def test_sampled_paths_are_the_pipelines_paths():
 
 
 def test_stored_states_sit_on_the_trainers_path_and_keep_their_captions():
-    encoder, transformer = tiny_models()
+    encoder, transformer = tiny_encoder_and_transformer()
     states = OnPolicyStates(0.5, 8, 2.5, FlowMatchEulerDiscreteScheduler(shift=5.0), 4)
     generator = torch.Generator().manual_seed(1)
     states.refill(encoder, transformer, CAPTIONS + ["a yellow circle"], generator)
@@ -88,7 +85,7 @@ def test_stored_states_sit_on_the_trainers_path_and_keep_their_captions():
 
 
 def test_training_on_policy_feeds_the_student_its_own_states(tmp_path):
-    encoder, transformer = tiny_models()
+    encoder, transformer = tiny_encoder_and_transformer()
     init = tmp_path / "init"
     encoder.save_pretrained(init / "text_encoder")
     transformer.save_pretrained(init / "transformer")

@@ -6,6 +6,12 @@ from diffusers import WanTransformer3DModel
 from t2v.models import VideoDiT
 
 
+# A VideoDiT of 4 x 16 x 16 clips and a text encoder for it, small enough to train a few steps in a test.
+TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=48, text_dim=16, freq_dim=16,
+                max_frames=8, max_height=16, max_width=16, sample_frames=4, sample_height=16, sample_width=16)
+TINY_TEXT = dict(hidden_size=16, num_layers=1, num_heads=2)
+
+
 def randomised(model):
     # VideoDiT starts as the identity (zero gates, zero output): random weights make attention and comparisons matter.
     torch.manual_seed(0)

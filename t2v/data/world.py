@@ -99,17 +99,19 @@ class VideoWorld:
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None):
         """Videos (B, 3, T, H, W) in [-1, 1], one random paraphrase per clip, and the specs."""
-        rng = as_python_rng(generator)
-        specs = sample_specs(batch_size, rng, self.split, self.two_object_prob)
-        captions = [caption(spec, rng) for spec in specs]
+        specs, captions = self._specs_and_captions(batch_size, generator)
         videos = render(specs, self.frames, self.height, self.width, generator=generator,
                         device=self.device)
         return videos, captions, specs
 
     def sample_captions(self, batch_size: int, generator: torch.Generator | None = None) -> list[str]:
         """Captions drawn as `sample` draws them, without rendering their clips."""
+        return self._specs_and_captions(batch_size, generator)[1]
+
+    def _specs_and_captions(self, batch_size: int, generator):
         rng = as_python_rng(generator)
-        return [caption(spec, rng) for spec in sample_specs(batch_size, rng, self.split, self.two_object_prob)]
+        specs = sample_specs(batch_size, rng, self.split, self.two_object_prob)
+        return specs, [caption(spec, rng) for spec in specs]
 
 
 def prompt_suite(split: str = "heldout", n_prompts: int = 200, seed: int = 0) -> list[tuple[str, ClipSpec]]:

@@ -70,9 +70,8 @@ class OnPolicyStates:
     def refill(self, text_encoder, transformer, captions: list[str], generator: torch.Generator) -> None:
         states, times, ends, path = self.sample_paths(text_encoder, transformer, captions[: self.paths], generator)
         order = torch.randperm(len(states), generator=generator, device=states.device)
-        videos = ends[path[order]]
-        tt = times[order].view(-1, 1, 1, 1, 1)
-        self.store = {"videos": videos, "t": times[order], "noise": (states[order] - (1 - tt) * videos) / tt,
+        # Each path's end is kept once; a state's video and noise are worked out when it is handed over.
+        self.store = {"states": states[order], "t": times[order], "path": path[order], "ends": ends,
                       "captions": [captions[i] for i in path[order].tolist()]}
         self.taken = 0
 
@@ -84,7 +83,11 @@ class OnPolicyStates:
         n = self.states_per_batch
         take = slice(self.taken, self.taken + n)
         self.taken += n
-        videos = torch.cat([self.store["videos"][take], videos[n:]])
-        t = torch.cat([self.store["t"][take], t[n:]])
-        noise = torch.cat([self.store["noise"][take], noise[n:]])
+        state_t = self.store["t"][take]
+        tt = state_t.view(-1, 1, 1, 1, 1)
+        state_videos = self.store["ends"][self.store["path"][take]]
+        state_noise = (self.store["states"][take] - (1 - tt) * state_videos) / tt
+        videos = torch.cat([state_videos, videos[n:]])
+        t = torch.cat([state_t, t[n:]])
+        noise = torch.cat([state_noise, noise[n:]])
         return videos, self.store["captions"][take] + list(captions[n:]), t, noise
