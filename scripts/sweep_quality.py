@@ -10,7 +10,8 @@ seeds (clip i of every run starts from the same noise). Per setting: the density
 sparsity = 1 - density, the density counting warm-up steps and dense layers as dense (`effective_density`), scorer
 accuracy (`all` and per attribute) and its difference to dense in points, PSNR of each clip against the dense clip
 of the same seed (mean, median and min, and each clip's in the JSON; identical clips count as 100 dB), and seconds
-(after a one-clip warm-up on GPU).
+(after a one-clip warm-up on GPU). The JSON also lists the captions and, per setting, the clips each attribute got
+wrong.
 `--sparse-model DIR` runs the settings on another pipeline (one fine-tuned with the method) against `--model`'s
 dense clips.
 `--method all` runs every registered method but dense, each with its settings in SWEEP_SETTINGS (or `--settings`),
@@ -117,7 +118,8 @@ def main(argv=None):
         if device.type == "cuda":  # one clip first: CUDA set-up and kernel compilation stay out of the seconds
             generate_suite(pipe, args.split, 1, 1, 1, **dict(call, num_inference_steps=min(warm_steps, args.steps)))
         t0 = time.time()
-        clips, specs, _ = generate_suite(pipe, args.split, args.prompts, args.seeds, args.batch_size, **call)
+        clips, specs, captions = generate_suite(pipe, args.split, args.prompts, args.seeds, args.batch_size, **call)
+        info.setdefault("captions", captions)
         t1 = time.time()
         score = score_suite(list(clips), specs)
         return clips, score, t1 - t0, time.time() - t1
@@ -177,6 +179,9 @@ def row_from(name, options, score, dense, density, effective, psnrs, gen_s, scor
                 # Per clip too: a mean cannot tell a few diverged clips from many that drifted a little.
                 psnr_median=None if psnrs is None else float(np.median(psnrs)),
                 psnrs=None if psnrs is None else [round(float(x), 2) for x in psnrs],
+                # Which clips each attribute got wrong, to compare settings clip by clip (captions are in the header).
+                wrong={a: [i for i, r in enumerate(score["per_clip"]) if r[a] is not None and not r[a]]
+                       for a in (*ATTRIBUTES, "all")},
                 seconds=gen_s, score_seconds=score_s, note="")
 
 

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from attention.layout import VideoLayout
 from attention.methods.block_sparse import (
-    BlockSparseMethod, Selection, keep_cumulative, keep_top_fraction, mean_pool_blocks,
+    BlockSparseMethod, Selection, group_block_mass, keep_cumulative, keep_top_fraction, mean_pool_blocks,
 )
 
 
@@ -25,6 +26,32 @@ def test_mean_pool_handles_a_partial_last_block():
     x = torch.arange(10.0).view(1, 1, 10, 1)
     pooled = mean_pool_blocks(x, 4)
     assert pooled.flatten().tolist() == [1.5, 5.5, 8.5]
+
+
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_group_block_mass_matches_a_direct_sum_over_token_groups(group, monkeypatch):
+    n, bs = 45, 16  # 3 blocks, the last of 13 tokens: groups of 4 end with one of a single token
+    q, k = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    groups = [list(range(s, min(s + group, n))) for s in range(0, n, group)]
+    q_groups = torch.stack([q[:, :, g].mean(2) for g in groups], 2)
+    k_groups = torch.stack([k[:, :, g].mean(2) for g in groups], 2)
+    sizes = torch.tensor([float(len(g)) for g in groups])
+    p = (q_groups @ k_groups.transpose(-1, -2) * 8 ** -0.5 + sizes.log()).softmax(-1)  # a group weighs its tokens
+    expected = torch.zeros(1, 2, 3, 3)
+    for a, ga in enumerate(groups):
+        for b, gb in enumerate(groups):
+            expected[..., ga[0] // bs, gb[0] // bs] += p[..., a, b] * len(ga)
+    expected /= torch.tensor([16.0, 16.0, 13.0]).view(1, 1, 3, 1)
+    torch.testing.assert_close(group_block_mass(q, k, bs, group), expected)
+    torch.testing.assert_close(expected.sum(-1), torch.ones(1, 2, 3))
+    groups_per_block = bs // group
+    # Chunked over queries, one block at a time, then (for whole-block groups) two: chunks start on block boundaries.
+    for elems in (1, len(groups) * (groups_per_block + 1)):
+        monkeypatch.setattr("attention.methods.block_sparse._QUERY_CHUNK_ELEMS", elems)
+        torch.testing.assert_close(group_block_mass(q, k, bs, group), expected)
+    for bad in (6, 0, 2.5, True):
+        with pytest.raises(ValueError, match="divisor"):
+            group_block_mass(q, k, bs, bad)
 
 
 def test_selection_rules():

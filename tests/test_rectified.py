@@ -186,6 +186,23 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="sparsity"):
         RectifiedSparseAttention(sparsity=1.0)
     assert RectifiedSparseAttention().sparsity == 0.75
+    for bad in (3, 0, 2.5, True):
+        with pytest.raises(ValueError, match="score_group"):
+            RectifiedSparseAttention(block_size=8, score_group=bad)
+
+
+def test_finer_scoring_groups_find_a_block_whose_mean_hides_its_keys():
+    e0 = torch.eye(8)[0]
+    q = (3 * e0).expand(32, 8)  # every query looks along e0
+    k = torch.cat([-2 * e0.expand(8, 8), 4 * e0.expand(4, 8), -4 * e0.expand(4, 8),  # block 1 averages to zero
+                   1 * e0.expand(8, 8), -2 * e0.expand(8, 8)]).contiguous()  # block 2 leans mildly along e0
+    q, k = q.reshape(1, 1, 32, 8).contiguous(), k.view(1, 1, 32, 8)
+    kept = {}
+    for group in (8, 4, 1):
+        method = RectifiedSparseAttention(block_size=8, sparsity=0.75, score_group=group)
+        kept[group] = method.select(q, k, k, None).block_mask[0, 0, 0].nonzero().flatten().tolist()
+    assert kept[8] == [0, 2]  # its own block and the best block mean
+    assert kept[4] == kept[1] == [0, 1]  # groups of 4 see block 1's aligned half, as the exact mass does
 
 
 @pytest.mark.parametrize("family", ["video-dit", "wan"])

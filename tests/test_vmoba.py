@@ -85,7 +85,27 @@ def test_pairs_weigh_by_query_tokens_and_sparsity_keeps_a_share():
     assert torch.equal(select_pairs(SCORES, OWN, sparsity=0.0), torch.ones(2, 3, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("layer_index", [0, 1, 2])
+def test_score_group_one_scores_pairs_by_the_exact_attention_mass_of_each_chunk(layer_index, monkeypatch):
+    import attention.methods.vmoba as vmoba
+
+    seen = []
+    monkeypatch.setattr(vmoba, "select_pairs", lambda scores, *a, **kw: seen.append(scores) or select_pairs(
+        scores, *a, **kw))
+    layout = partition_layout(GRID, BS, layer_index % 3)
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    VMoBAMethod(layer_index=layer_index, block_size=BS, sparsity=0.5, score_group=1).select(q, k, k, layout)
+    chunk = chunk_of_block(layout, layer_index % 3)[0].repeat_interleave(BS)  # each token's chunk
+    p = (q @ k.transpose(-1, -2) * 16 ** -0.5).softmax(-1)
+    per_chunk = torch.stack([p[..., chunk == c].sum(-1) for c in range(int(chunk.max()) + 1)], -1)
+    expected = per_chunk.unflatten(2, (-1, BS)).mean(3)  # averaged over each query block's tokens
+    torch.testing.assert_close(seen[0], expected)
+
+
 def test_options_are_checked():
+    for bad in (3, 0, 2.5, True):
+        with pytest.raises(ValueError, match="score_group"):
+            VMoBAMethod(block_size=8, score_group=bad)
     with pytest.raises(ValueError, match="threshold or sparsity"):
         VMoBAMethod(threshold=0.3, sparsity=0.5)
     with pytest.raises(ValueError, match="threshold must be in"):

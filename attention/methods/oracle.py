@@ -10,29 +10,18 @@ mass is not the same as the best clip, and a budget spread unevenly, as `thresho
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from attention.layout import VideoLayout
-from attention.methods.block_sparse import (BlockSparseMethod, Selection, keep_cumulative, keep_top_fraction,
-                                           mean_pool_blocks)
+from attention.methods.block_sparse import (BlockSparseMethod, Selection, group_block_mass, keep_cumulative,
+                                           keep_top_fraction)
 
 DEFAULT_THRESHOLD = 0.9
-_QUERY_CHUNK = 256  # query rows per softmax, to bound the (B, H, rows, N) probabilities held at once
 
 
 def exact_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
     """(B, H, NQB, NKB) float32: the softmax attention mass each query block's tokens put on each key block, averaged
     over the block's tokens (rows sum to 1). Partial last blocks count the tokens they have."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    num_k_blocks = -(-k.shape[2] // block_size)
-    pad = num_k_blocks * block_size - k.shape[2]
-    keys = k.float().transpose(-1, -2)
-    rows = []
-    for start in range(0, q.shape[2], _QUERY_CHUNK):
-        logits = (q[:, :, start:start + _QUERY_CHUNK].float() @ keys) * scale
-        probabilities = F.pad(logits.softmax(-1), (0, pad))  # padded keys carry no mass
-        rows.append(probabilities.unflatten(-1, (num_k_blocks, block_size)).sum(-1))
-    return mean_pool_blocks(torch.cat(rows, dim=2), block_size)
+    return group_block_mass(q, k, block_size, 1, scale)
 
 
 class OracleBlocks(BlockSparseMethod):

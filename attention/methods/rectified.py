@@ -12,7 +12,10 @@ video; a joint-attention text token would be its own entry of weight 1). The ada
 only (text reaches Wan and VideoDiT through cross-attention), so here every entry is a video block.
 
 Selection: per query block the top (1 - sparsity) of key blocks by P̄, or the fewest whose P̄ sums to `threshold`;
-the block's own key block is always kept.
+the block's own key block is always kept. `score_group` (a divisor of the block size) scores blocks instead by the
+attention between finer pooled groups of that many tokens, summed per key block and averaged over the query block
+(`group_block_mass`): a block whose tokens differ (an object's edge inside a background tile) is then not judged by
+its mean alone. It costs (block size / score_group)^2 times the pooled scoring; the rectification below keeps P̄.
 
 Gain-Aware Pooling Rectification (GAPR). A token pair's logit is (q̄_b + δq_i)·(k̄_j + δk_t): the pooled entry keeps
 q̄_b·k̄_j (its gain) and drops δq_i·k̄_j + q̄_b·δk_t + δq_i·δk_t. As in the official implementation, the first-order
@@ -45,8 +48,8 @@ import torch
 from attention.layout import VideoLayout
 from attention.methods import SparseOptions
 from attention.methods.block_sparse import (
-    BlockSparseMethod, Selection, block_token_counts, block_views, diagonal_blocks, keep_cumulative,
-    keep_top_fraction, mean_pool_blocks,
+    BlockSparseMethod, Selection, block_token_counts, block_views, check_score_group, diagonal_blocks,
+    group_block_mass, keep_cumulative, keep_top_fraction, mean_pool_blocks,
 )
 
 DEFAULT_SPARSITY = 0.75
@@ -101,16 +104,20 @@ class RectifiedSparseAttention(BlockSparseMethod):
     """Block selection by pooled attention, with IPAR + GAPR rectification (rectify=False: the selection alone).
 
     sparsity: fraction of key blocks skipped per query block (default 0.75); threshold: instead, keep the fewest
-    blocks whose pooled attention sums to it. A query block always keeps its own key block.
+    blocks whose pooled attention sums to it. A query block always keeps its own key block. score_group: score
+    blocks by attention between pooled groups of this many tokens (default, or the block size: block means, as the
+    paper does).
     """
 
     name = "rectified"
     default_sparsity = DEFAULT_SPARSITY
 
     def __init__(self, block_size: int = SparseOptions.block_size, sparsity: float | None = None,
-                 threshold: float | None = None, rectify: bool = True, select_every: int = 1):
+                 threshold: float | None = None, rectify: bool = True, select_every: int = 1,
+                 score_group: int | None = None):
         super().__init__(block_size, sparsity, threshold, select_every)
         self.rectify = bool(rectify)
+        self.score_group = check_score_group(self.block_size if score_group is None else score_group, self.block_size)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:
         bs = self.block_size
@@ -118,10 +125,11 @@ class RectifiedSparseAttention(BlockSparseMethod):
         key_counts = block_token_counts(k.shape[2], bs, k.device)
         probabilities, dots = pooled_attention(q_pool, k_pool, key_counts, q.shape[-1] ** -0.5)
         own = diagonal_blocks(q_pool.shape[2], k_pool.shape[2], q.device)
+        scores = probabilities if self.score_group == bs else group_block_mass(q, k, bs, self.score_group)
         if self.threshold is not None:
-            mask = keep_cumulative(probabilities, self.threshold, always=own)
+            mask = keep_cumulative(scores, self.threshold, always=own)
         else:
-            mask = keep_top_fraction(probabilities, 1.0 - self.sparsity, always=own)
+            mask = keep_top_fraction(scores, 1.0 - self.sparsity, always=own)
         if not self.rectify:
             return Selection(mask)
         gain_ok = pooling_gain_mask(q, k, q_pool, k_pool, dots, bs)

@@ -28,6 +28,11 @@ threshold 1.0 keeps everything, so it is dense attention.
 
 `sparsity` instead of `threshold` is the official top-k variant: the head keeps (1 - sparsity) of its
 (query block, chunk) pairs, own chunks first. Density is reported in kernel blocks, so it differs from that share.
+
+`score_group=G` (not in the paper; a divisor of the block size) scores a pair by attention mass instead of the dot
+product with the chunk mean: the softmax attention between mean-pooled groups of G tokens, summed over the chunk's
+groups and averaged over the query block's (`group_block_mass`). A chunk whose keys differ (an object's edge among
+background) is then not judged by its mean alone. The global selection runs on these scores unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ import math
 import torch
 
 from attention.layout import VideoLayout, choose_tile
-from attention.methods.block_sparse import BlockSparseMethod, Selection, block_token_counts, mean_pool_blocks
+from attention.methods.block_sparse import (BlockSparseMethod, Selection, block_token_counts, check_score_group,
+                                           group_block_mass, mean_pool_blocks)
 
 PARTITIONS = ("temporal", "spatial", "spatiotemporal")  # 1D, 2D, 3D; layer l uses PARTITIONS[l % 3]
 DEFAULT_THRESHOLD = 0.25  # the official default
@@ -123,14 +129,17 @@ def select_pairs(scores: torch.Tensor, own: torch.Tensor, threshold: float | Non
 
 
 class VMoBAMethod(BlockSparseMethod):
-    """VMoBA on the shared kernel (see the module docstring); options: threshold (default 0.25) or sparsity."""
+    """VMoBA on the shared kernel (see the module docstring); options: threshold (default 0.25) or sparsity, and
+    score_group (score pairs by attention mass between groups of this many tokens; default: the dot product with
+    the chunk's mean key, as the paper does; the block size gives the mass between block means)."""
 
     name = "vmoba"
     default_threshold = DEFAULT_THRESHOLD
 
     def __init__(self, layer_index: int = 0, block_size: int = 64, threshold: float | None = None,
-                 sparsity: float | None = None, select_every: int = 1):
+                 sparsity: float | None = None, select_every: int = 1, score_group: int | None = None):
         super().__init__(block_size=block_size, sparsity=sparsity, threshold=threshold, select_every=select_every)
+        self.score_group = None if score_group is None else check_score_group(score_group, self.block_size)
         # Reduced here so compiled code only ever sees three variants.
         self.partition = int(layer_index) % len(PARTITIONS)
 
@@ -149,11 +158,14 @@ class VMoBAMethod(BlockSparseMethod):
     def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:
         bs = self.block_size
         chunk, members = chunk_of_block(layout, self.partition, q.device)
-        # Chunk representative: the mean of its keys (block means weighted by their token counts).
-        counts = block_token_counts(k.shape[2], bs, k.device).float()
-        weighted = members.float() * counts[:, None]  # (NKB, C)
-        chunk_keys = torch.einsum("bhnd,nc->bhcd", mean_pool_blocks(k, bs), weighted) / weighted.sum(0)[:, None]
-        scores = mean_pool_blocks(q, bs) @ chunk_keys.transpose(-1, -2)  # (B, H, NQB, C)
+        if self.score_group is not None:
+            scores = group_block_mass(q, k, bs, self.score_group) @ members.float()  # (B, H, NQB, C)
+        else:
+            # Chunk representative: the mean of its keys (block means weighted by their token counts).
+            counts = block_token_counts(k.shape[2], bs, k.device).float()
+            weighted = members.float() * counts[:, None]  # (NKB, C)
+            chunk_keys = torch.einsum("bhnd,nc->bhcd", mean_pool_blocks(k, bs), weighted) / weighted.sum(0)[:, None]
+            scores = mean_pool_blocks(q, bs) @ chunk_keys.transpose(-1, -2)  # (B, H, NQB, C)
         weights = block_token_counts(q.shape[2], bs, q.device)
         # Self-attention: query block i is key block i, so its own chunk is block i's.
         pairs = select_pairs(scores, members, self.threshold, self.sparsity, weights)
