@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 EMBEDDED_MODEL = "t2v-tiny"
 # Variants of the embedded model that ship with it: the same model fine-tuned with a sparse attention method.
-EMBEDDED_VARIANTS = ("t2v-tiny-vmoba",)
+EMBEDDED_VARIANTS = ("t2v-tiny-vmoba", "t2v-tiny-rectified")
 # A pipeline folder may name the attention its weights were fine-tuned with; loading installs it unless told otherwise.
 TRAINED_ATTENTION_FILE = "attention_config.json"
 

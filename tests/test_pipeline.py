@@ -168,7 +168,6 @@ def test_embedded_model_moves_the_object_the_way_the_words_say_from_the_same_noi
 
 
 def test_a_fine_tuned_folder_loads_with_the_attention_it_was_trained_with(saved, tmp_path):
-    from pipelines import available_models
     from pipelines.loading import TRAINED_ATTENTION_FILE, trained_attention
 
     variant = tmp_path / "variant"
@@ -183,12 +182,17 @@ def test_a_fine_tuned_folder_loads_with_the_attention_it_was_trained_with(saved,
     (variant / TRAINED_ATTENTION_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="cannot read .*attention_config.json"):
         load_pipeline(variant)
-    # The shipped variant names what it was fine-tuned with and runs end to end.
-    shipped = available_models()["t2v-tiny-vmoba"]
-    assert trained_attention(shipped)[0] == "vmoba"
-    tuned = load_pipeline("t2v-tiny-vmoba", device="cpu")
+
+
+@pytest.mark.parametrize("name, method", [("t2v-tiny-vmoba", "vmoba"), ("t2v-tiny-rectified", "rectified")])
+def test_a_shipped_variant_names_its_attention_and_runs_end_to_end(name, method):
+    from pipelines import available_models
+    from pipelines.loading import trained_attention
+
+    assert trained_attention(available_models()[name])[0] == method
+    tuned = load_pipeline(name, device="cpu")
     tuned.set_progress_bar_config(disable=True)
-    assert attention.current_method(tuned.transformer) == "vmoba"
+    assert attention.current_method(tuned.transformer) == method
     assert run(tuned, num_inference_steps=2, num_frames=4).shape == (1, 4, 32, 32, 3)
 
 
