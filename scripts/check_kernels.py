@@ -1,8 +1,9 @@
-"""GPU correctness check: Triton block-sparse attention and XAttention scoring against the PyTorch references.
+"""GPU correctness check: Triton block-sparse attention, XAttention scoring and group block masses against the
+PyTorch references.
 
-Fresh random inputs every run (the seed is printed). Outputs of the Triton kernels are filled
+Fresh random inputs every run (the seed is printed). Outputs of the block-sparse kernel are filled
 with NaN before each launch, so any element left unwritten fails the check. Exits non-zero on
-any failure. Usage: python scripts/check_kernels.py [--seed S] [--skip-compile] [--only antidiagonal]
+any failure. Usage: python scripts/check_kernels.py [--seed S] [--skip-compile] [--only antidiagonal|group_mass]
 """
 
 import argparse
@@ -108,25 +109,54 @@ def check(name, case, grads=True, configs=None, tol=None, tma=True):
     report(name, ok, detail)
 
 
+def compare_scores(label, param_name, cases, reference, fused, spread=1.0):
+    """Block scores of a Triton kernel against its PyTorch reference in float64; cases (N, M, D, block, param, dtype),
+    inputs of standard deviation `spread` (larger: peakier softmaxes). Returns the last case's q, k and scores."""
+    for (n, m, d, bs, param, dtype) in cases:
+        q, k = (torch.randn(2, 3, L, d, device=DEV, dtype=dtype) * spread for L in (n, m))
+        want = reference(q.double(), k.double(), bs, param)
+        got = fused(q, k, bs, param).double()
+        err = rel(got, want)
+        report(f"{label} {dtype} D{d} N={n} M={m} bs{bs} {param_name}{param} x{spread:g}", err < 1e-2 and
+               bool(torch.isfinite(got).all()), f"rel err {err:.2e}")
+    return q, k, want
+
+
+def time_scores(do_bench, label, param_name, params, reference, fused):
+    """Both versions timed at the Wan2.1-1.3B shape with blocks of 64."""
+    q, k = (torch.randn(1, 12, 32760, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    for param in params:
+        ref = do_bench(lambda: reference(q, k, 64, param), return_mode="median")
+        fast = do_bench(lambda: fused(q, k, 64, param), return_mode="median")
+        print(f"wan1.3b {label} block 64 {param_name} {param}: PyTorch {ref:.3f} ms, Triton {fast:.3f} ms", flush=True)
+
+
 def check_antidiagonal_scores(do_bench):
-    """XAttention's Triton block scores against the PyTorch reference (float64), then both timed at Wan2.1-1.3B."""
+    """XAttention's Triton block scores against the PyTorch reference, then both timed."""
     from attention.kernels import antidiagonal, triton_antidiagonal
 
     cases = [(1000, 1000, 128, 64, 8, torch.bfloat16), (777, 500, 64, 64, 16, torch.float16),
              (4100, 4100, 128, 128, 8, torch.bfloat16), (300, 333, 64, 16, 8, torch.float32)]
-    for (n, m, d, bs, stride, dtype) in cases:
-        q, k = (torch.randn(2, 3, L, d, device=DEV, dtype=dtype) for L in (n, m))
-        want = antidiagonal.antidiagonal_block_scores(q.double(), k.double(), bs, stride)
-        got = triton_antidiagonal.antidiagonal_block_scores(q, k, bs, stride).double()
-        err = rel(got, want)
-        report(f"antidiagonal scores {dtype} D{d} N={n} M={m} bs{bs} stride{stride}", err < 1e-2 and
-               bool(torch.isfinite(got).all()), f"rel err {err:.2e}")
-    q, k = (torch.randn(1, 12, 32760, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-    for stride in (8, 16):
-        ref = do_bench(lambda: antidiagonal.antidiagonal_block_scores(q, k, 64, stride), return_mode="median")
-        fused = do_bench(lambda: triton_antidiagonal.antidiagonal_block_scores(q, k, 64, stride), return_mode="median")
-        print(f"wan1.3b antidiagonal scores block 64 stride {stride}: PyTorch {ref:.3f} ms, Triton {fused:.3f} ms",
-              flush=True)
+    versions = (antidiagonal.antidiagonal_block_scores, triton_antidiagonal.antidiagonal_block_scores)
+    compare_scores("antidiagonal scores", "stride", cases, *versions)
+    time_scores(do_bench, "antidiagonal scores", "stride", (8, 16), *versions)
+
+
+def check_group_mass(do_bench):
+    """The Triton group block masses against the PyTorch reference, compiled too, then both timed."""
+    from attention.kernels import group_mass, triton_group_mass
+
+    cases = [(1000, 1000, 128, 64, 8, torch.bfloat16), (777, 500, 64, 64, 16, torch.float16),
+             (4100, 4100, 128, 128, 4, torch.bfloat16), (300, 333, 64, 16, 2, torch.float32),
+             (2000, 2000, 128, 64, 1, torch.bfloat16)]
+    versions = (group_mass.group_block_mass, triton_group_mass.group_block_mass)
+    compare_scores("group mass", "group", [(1000, 1000, 128, 64, 8, torch.bfloat16),
+                                           (2048, 2048, 64, 128, 1, torch.bfloat16)], *versions, spread=4.0)
+    q, k, want = compare_scores("group mass", "group", cases, *versions)
+    compiled = torch.compile(lambda q, k: dispatch.group_block_mass(q, k, 64, 1))  # the last case
+    err = rel(compiled(q, k).double(), want)
+    report("group mass under torch.compile", err < 1e-2, f"rel err {err:.2e}")
+    time_scores(do_bench, "group block mass", "group", (32, 16, 8), *versions)
 
 
 def finish():
@@ -138,7 +168,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--skip-compile", action="store_true")
-    ap.add_argument("--only", choices=["antidiagonal"], help="run only this group of checks")
+    ap.add_argument("--only", choices=["antidiagonal", "group_mass"], help="run only this group of checks")
     args = ap.parse_args()
     import triton
     from attention.kernels import triton_block_sparse as T
@@ -146,9 +176,9 @@ def main():
     print(f"seed {args.seed}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{torch.cuda.get_device_name()}", flush=True)
     bf, fp = torch.bfloat16, torch.float16
-    if args.only == "antidiagonal":
+    if args.only:
         from triton.testing import do_bench
-        check_antidiagonal_scores(do_bench)
+        {"antidiagonal": check_antidiagonal_scores, "group_mass": check_group_mass}[args.only](do_bench)
         finish()
 
     check("bf16 D128 N=M=1000 bs64 30% pooled empty", make_case(1, 3, 1000, 1000, 128, 64, 0.3, bf, True, 0.2))
@@ -230,6 +260,7 @@ def main():
     bwd = do_bench(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), return_mode="median")
     print(f"wan1.3b 15% default configs: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms", flush=True)
     check_antidiagonal_scores(do_bench)
+    check_group_mass(do_bench)
     finish()
 
 

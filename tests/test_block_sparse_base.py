@@ -47,7 +47,7 @@ def test_group_block_mass_matches_a_direct_sum_over_token_groups(group, monkeypa
     groups_per_block = bs // group
     # Chunked over queries, one block at a time, then (for whole-block groups) two: chunks start on block boundaries.
     for elems in (1, len(groups) * (groups_per_block + 1)):
-        monkeypatch.setattr("attention.methods.block_sparse._QUERY_CHUNK_ELEMS", elems)
+        monkeypatch.setattr("attention.kernels.group_mass._QUERY_CHUNK_ELEMS", elems)
         torch.testing.assert_close(group_block_mass(q, k, bs, group), expected)
     for bad in (6, 0, 2.5, True):
         with pytest.raises(ValueError, match="divisor"):

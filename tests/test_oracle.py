@@ -21,7 +21,7 @@ def test_block_mass_matches_a_direct_sum_with_a_partial_block(monkeypatch):
             expected[..., i // bs, j // bs] += p[..., i, j]
     expected /= torch.tensor([16.0, 16.0, 13.0]).view(1, 1, 3, 1)
     torch.testing.assert_close(exact_block_mass(q, k, bs), expected)
-    monkeypatch.setattr("attention.methods.block_sparse._QUERY_CHUNK_ELEMS", 20)  # one block of queries at a time
+    monkeypatch.setattr("attention.kernels.group_mass._QUERY_CHUNK_ELEMS", 20)  # one block of queries at a time
     torch.testing.assert_close(exact_block_mass(q, k, bs), expected)
 
 

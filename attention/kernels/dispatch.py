@@ -12,7 +12,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import antidiagonal, reference
+from . import antidiagonal, group_mass, reference
 from .reference import block_index_from_mask, full_block_index, merge_attention  # noqa: F401
 
 _warned: set = set()
@@ -30,7 +30,8 @@ def _import_triton_kernel(name: str):
 
 
 # Imported here, not on first use: a compiled graph (training with --compile) cannot trace an import.
-_TRITON_MODULES = {name: _import_triton_kernel(name) for name in ("triton_block_sparse", "triton_antidiagonal")}
+_TRITON_MODULES = {name: _import_triton_kernel(name) for name in ("triton_block_sparse", "triton_antidiagonal",
+                                                                   "triton_group_mass")}
 
 
 def _triton_kernel(name: str):
@@ -86,18 +87,43 @@ def dense_attention(q, k, v, scale=None, *, return_lse=True):
     return reference.dense_attention(q, k, v, scale=scale)
 
 
+def _scores_in_triton(module_name: str, env_variable: str, what: str, usable, run):
+    """`run(module)` with Triton kernel module `module_name` when CUDA has it, `usable(module)` holds and
+    `env_variable` does not turn it off; None (use the PyTorch reference) otherwise or when the launch fails."""
+    if os.environ.get(env_variable, "1").lower() in ("0", "false", "off", "no"):
+        return None
+    module = _triton_kernel(module_name)
+    if module is None or not usable(module):
+        return None
+    try:
+        return run(module)
+    except module.LAUNCH_ERRORS as error:  # a GPU the tiles do not fit: same result, slower
+        warnings.warn(f"{what}: the Triton kernel cannot run here ({error}); using PyTorch", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
 def antidiagonal_block_scores(q, k, block_size, stride, scale=None):
     """XAttention's (B, H, NQB, NKB) block scores; see ``antidiagonal.antidiagonal_block_scores``.
 
     On CUDA a Triton kernel fuses the softmax and block sums (checked and timed by `scripts/check_kernels.py --only
     antidiagonal`); T2V_ANTIDIAGONAL_TRITON=0 keeps the PyTorch reduction, for comparisons.
     """
-    if q.is_cuda and os.environ.get("T2V_ANTIDIAGONAL_TRITON", "1").lower() not in ("0", "false", "off", "no"):
-        triton_antidiagonal = _triton_kernel("triton_antidiagonal")
-        if triton_antidiagonal is not None and triton_antidiagonal.antidiagonal_usable(q, k, block_size, stride):
-            try:
-                return triton_antidiagonal.antidiagonal_block_scores(q, k, block_size, stride, scale)
-            except triton_antidiagonal.LAUNCH_ERRORS as error:  # a GPU the tiles do not fit: same scores, slower
-                warnings.warn(f"XAttention scoring: the Triton kernel cannot run here ({error}); using PyTorch",
-                              RuntimeWarning, stacklevel=2)
-    return antidiagonal.antidiagonal_block_scores(q, k, block_size, stride, scale)
+    scores = None if not q.is_cuda else _scores_in_triton(
+        "triton_antidiagonal", "T2V_ANTIDIAGONAL_TRITON", "XAttention scoring",
+        lambda t: t.antidiagonal_usable(q, k, block_size, stride),
+        lambda t: t.antidiagonal_block_scores(q, k, block_size, stride, scale))
+    return antidiagonal.antidiagonal_block_scores(q, k, block_size, stride, scale) if scores is None else scores
+
+
+def group_block_mass(q, k, block_size, group, scale=None):
+    """(B, H, NQB, NKB) attention mass per block pair from pooled groups; see ``group_mass.group_block_mass``.
+
+    On CUDA a Triton kernel fuses the matmuls, softmax and block sums (checked and timed by
+    `scripts/check_kernels.py --only group_mass`); T2V_GROUP_MASS_TRITON=0 keeps PyTorch, for comparisons.
+    """
+    mass = None if not q.is_cuda else _scores_in_triton(
+        "triton_group_mass", "T2V_GROUP_MASS_TRITON", "group scoring",
+        lambda t: t.group_mass_usable(q, block_size, group),
+        lambda t: t.group_block_mass(q, k, block_size, group, scale))
+    return group_mass.group_block_mass(q, k, block_size, group, scale) if mass is None else mass

@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from attention.kernels import block_index_from_mask, block_sparse_attention
+from attention.kernels import block_index_from_mask, block_sparse_attention, group_block_mass
+# Pooling and group scoring live with the kernels (the Triton scoring needs them); methods import them from here.
+from attention.kernels.group_mass import block_token_counts, block_views, check_score_group, mean_pool_blocks  # noqa: F401
 from attention.layout import VideoLayout
 from attention.methods import SparseOptions
 
@@ -26,72 +27,6 @@ class Selection:
     pooled_k: torch.Tensor | None = None
     pooled_v: torch.Tensor | None = None
     pooled_log_weight: torch.Tensor | None = None
-
-
-def block_token_counts(num_tokens: int, block_size: int, device=None) -> torch.Tensor:
-    """Tokens in each block of a sequence (the last block may be partial)."""
-    starts = torch.arange(0, num_tokens, block_size, device=device)
-    return (num_tokens - starts).clamp(max=block_size)
-
-
-def block_views(x: torch.Tensor, block_size: int) -> list[tuple[torch.Tensor, slice]]:
-    """(B, H, N, D) as views (B, H, blocks, tokens, D): the full blocks, then the partial last one if any, each
-    with the slice of block indices it covers. Reductions over them need no padded (or upcast) copy of x."""
-    n = x.shape[2]
-    full = n // block_size
-    views = [(x[:, :, : full * block_size].unflatten(2, (full, block_size)), slice(0, full))]
-    if n % block_size:
-        views.append((x[:, :, full * block_size:].unsqueeze(2), slice(full, full + 1)))
-    return views
-
-
-def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B, H, ceil(N / block_size), D): the mean of each block's tokens, in float32."""
-    sums = torch.cat([view.sum(3, dtype=torch.float32) for view, _ in block_views(x, block_size)], dim=2)
-    return sums / block_token_counts(x.shape[2], block_size, x.device).view(1, 1, -1, 1)
-
-
-# Aim for this many (query group, key group) probabilities per batch and head in one chunk of queries; a chunk holds
-# at least one block of query groups, so at group 1 and long sequences it can be several times more.
-_QUERY_CHUNK_ELEMS = 1 << 18
-
-
-def check_score_group(score_group, block_size: int) -> int:
-    """`score_group` as an int: a positive divisor of `block_size` (not a bool, which would silently mean 1)."""
-    if (isinstance(score_group, bool) or not isinstance(score_group, (int, float)) or int(score_group) != score_group
-            or score_group < 1 or block_size % int(score_group)):
-        raise ValueError(f"score_group must be a positive divisor of block_size ({block_size}), got {score_group!r}")
-    return int(score_group)
-
-
-@torch.no_grad()  # it only chooses blocks: training needs no graph of its probabilities
-def group_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, group: int,
-                     scale: float | None = None) -> torch.Tensor:
-    """(B, H, NQB, NKB) float32: the attention mass each query block puts on each key block (rows sum to 1),
-    estimated from the attention between mean-pooled groups of `group` tokens, averaged over a block's tokens.
-
-    group == block_size is block-pooled attention (a pooled key weighing the tokens it stands for); group 1 is the
-    exact mass; between, a block's tokens are scored in finer groups, so a block holding a few very different tokens
-    (an object's edge in a background tile) is not judged by its mean alone. `group` must divide `block_size`."""
-    group = check_score_group(group, block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    groups_per_block = block_size // group
-    k_groups = mean_pool_blocks(k, group)
-    key_log_counts = block_token_counts(k.shape[2], group, k.device).float().log()
-    query_counts = block_token_counts(q.shape[2], group, q.device).float()
-    num_k_blocks = -(-k_groups.shape[2] // groups_per_block)
-    key_pad = num_k_blocks * groups_per_block - k_groups.shape[2]
-    rows_per_chunk = max(1, _QUERY_CHUNK_ELEMS // max(k_groups.shape[2], 1) // groups_per_block) * groups_per_block
-    block_rows = []
-    for start in range(0, q.shape[2], rows_per_chunk * group):  # chunks start on block boundaries
-        q_groups = mean_pool_blocks(q[:, :, start:start + rows_per_chunk * group], group)
-        probabilities = torch.softmax((q_groups @ k_groups.transpose(-1, -2)) * scale + key_log_counts, dim=-1)
-        per_key_block = F.pad(probabilities, (0, key_pad)).unflatten(-1, (num_k_blocks, groups_per_block)).sum(-1)
-        # Each query group's row weighs the tokens it pools; a block's rows are then summed.
-        weighted = per_key_block * query_counts[start // group:start // group + per_key_block.shape[2]].view(-1, 1)
-        query_pad = -weighted.shape[2] % groups_per_block
-        block_rows.append(F.pad(weighted, (0, 0, 0, query_pad)).unflatten(2, (-1, groups_per_block)).sum(3))
-    return torch.cat(block_rows, dim=2) / block_token_counts(q.shape[2], block_size, q.device).view(-1, 1)
 
 
 def keep_top_fraction(scores: torch.Tensor, keep: float, always: torch.Tensor | None = None) -> torch.Tensor:

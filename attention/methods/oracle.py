@@ -12,16 +12,17 @@ from __future__ import annotations
 import torch
 
 from attention.layout import VideoLayout
-from attention.methods.block_sparse import (BlockSparseMethod, Selection, group_block_mass, keep_cumulative,
-                                           keep_top_fraction)
+from attention.kernels import group_mass
+from attention.methods.block_sparse import BlockSparseMethod, Selection, keep_cumulative, keep_top_fraction
 
 DEFAULT_THRESHOLD = 0.9
 
 
 def exact_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
     """(B, H, NQB, NKB) float32: the softmax attention mass each query block's tokens put on each key block, averaged
-    over the block's tokens (rows sum to 1). Partial last blocks count the tokens they have."""
-    return group_block_mass(q, k, block_size, 1, scale)
+    over the block's tokens (rows sum to 1). Partial last blocks count the tokens they have. Always the float32
+    PyTorch version: the Triton one multiplies in TF32, and this mass is the yardstick."""
+    return group_mass.group_block_mass(q, k, block_size, 1, scale)
 
 
 class OracleBlocks(BlockSparseMethod):
