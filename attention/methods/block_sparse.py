@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.kernels import block_index_from_mask, block_sparse_attention, group_block_mass
+from attention.kernels import block_index_from_mask, block_sparse_attention
 # Pooling and group scoring live with the kernels (the Triton scoring needs them); methods import them from here.
-from attention.kernels.group_mass import block_token_counts, block_views, check_score_group, mean_pool_blocks  # noqa: F401
+from attention.kernels import group_block_mass  # noqa: F401
+from attention.kernels.group_mass import (  # noqa: F401
+    block_token_counts, block_views, check_score_group, mean_pool_blocks,
+)
 from attention.layout import VideoLayout
 from attention.methods import SparseOptions
 
