@@ -10,19 +10,28 @@ from attention.methods import ADAPTER_OPTIONS, SparseOptions, get_method
 
 _STATE_ATTR = "_attention_adapter_state"
 # Supplied by the adapter to methods whose signature names them; never user options.
-_CONTEXT = ("layer_index", "step")
+_CONTEXT = ("layer_index", "step", "return_lse")
 
 
 class LayerMethod:
-    """One layer's binding of a method: its options fixed, the step added at call time if the method takes it."""
+    """One layer's binding of a method: its options fixed, the step added at call time if the method takes it.
 
-    def __init__(self, fn, kwargs: dict, takes_step: bool, reset=None):
+    `return_lse=True` asks for (out, log-sum-exp) instead of out, from methods that take it (`takes_lse`): merging
+    partial attentions (block diffusion's in-chunk and block-external parts) needs it."""
+
+    def __init__(self, fn, kwargs: dict, takes_step: bool, reset=None, takes_lse: bool = False):
         self.fn, self.kwargs, self.takes_step, self._reset = fn, kwargs, takes_step, reset
+        self.takes_lse = takes_lse
 
-    def __call__(self, q, k, v, layout, step: int):
+    def __call__(self, q, k, v, layout, step: int, return_lse: bool = False):
+        extra = dict(self.kwargs)
+        if return_lse:
+            if not self.takes_lse:
+                raise ValueError("this attention method does not return its log-sum-exp (no `return_lse` option)")
+            extra["return_lse"] = True
         if self.takes_step:
-            return self.fn(q, k, v, layout, step=step, **self.kwargs)
-        return self.fn(q, k, v, layout, **self.kwargs)
+            return self.fn(q, k, v, layout, step=step, **extra)
+        return self.fn(q, k, v, layout, **extra)
 
     def reset(self) -> None:
         if self._reset is not None:
@@ -76,13 +85,15 @@ def bind_method(name: str, options: dict, num_layers: int) -> list[LayerMethod]:
             reset = getattr(instance, "reset", None)
             # An instance may say it has no use for the step this time (`uses_step = False`).
             takes_step = "step" in call_params and getattr(instance, "uses_step", True)
-            layers.append(LayerMethod(instance, {}, takes_step, reset if callable(reset) else None))
+            layers.append(LayerMethod(instance, {}, takes_step, reset if callable(reset) else None,
+                                      "return_lse" in call_params))
         return layers
     params, var_keyword = _parameters(method, 4, f"attention method {name!r}")
     _check_options(name, options, params, var_keyword)
     takes_layer = "layer_index" in params
     return [
-        LayerMethod(method, {**options, **({"layer_index": i} if takes_layer else {})}, "step" in params)
+        LayerMethod(method, {**options, **({"layer_index": i} if takes_layer else {})}, "step" in params,
+                    takes_lse="return_lse" in params)
         for i in range(num_layers)
     ]
 

@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.block_diffusion import BlockDiffusionPipeline
 from pipelines.text_to_video import TextToVideoPipeline
 from t2v import TRAINED_ATTENTION_FILE  # a folder names the attention its weights were fine-tuned with; re-exported
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
+# The pipeline classes a folder's model_index.json may name.
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (TextToVideoPipeline, BlockDiffusionPipeline)}
 
 
 def available_models() -> dict[str, Path]:
@@ -53,7 +56,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     if str(name_or_path) in known:
         return known[str(name_or_path)]
     path = Path(name_or_path)
-    expected = (f"expected a pipeline folder saved by TextToVideoPipeline (with model_index.json) "
+    expected = (f"expected a pipeline folder saved by {' or '.join(PIPELINE_CLASSES)} (with model_index.json) "
                 f"or one of: {', '.join(known)}")
     if not path.exists():
         raise FileNotFoundError(f"unknown model {str(name_or_path)!r}: no such folder; {expected}")
@@ -64,10 +67,15 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
         class_name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read {index}: {error}") from error
-    if class_name != TextToVideoPipeline.__name__:
+    if class_name not in PIPELINE_CLASSES:
         # A diffusers Wan folder, say: those load with diffusers' own pipeline class (see the README).
         raise ValueError(f"unknown model {str(path)!r}: it holds a {class_name}; {expected}")
     return path
+
+
+def pipeline_class(path: str | os.PathLike) -> type:
+    """The pipeline class a resolved folder's model_index.json names."""
+    return PIPELINE_CLASSES[json.loads((Path(path) / "model_index.json").read_text())["_class_name"]]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -89,9 +97,9 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **attention_options,
-) -> TextToVideoPipeline:
-    """Loads a TextToVideoPipeline (None: the embedded model) onto `device` (default CUDA if available, else CPU)
-    in `dtype` (default bfloat16 on CUDA, float32 elsewhere).
+) -> TextToVideoPipeline | BlockDiffusionPipeline:
+    """Loads a TextToVideoPipeline or BlockDiffusionPipeline (None: the embedded model) onto `device` (default CUDA
+    if available, else CPU) in `dtype` (default bfloat16 on CUDA, float32 elsewhere).
 
     attention: a registered attention method installed in every self-attention layer, with `attention_options`.
         None installs the method a fine-tuned folder names in attention_config.json (the one its weights were
@@ -122,7 +130,7 @@ def load_pipeline(
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # no notes about experimental guiders on every load
     try:
-        pipe = TextToVideoPipeline.from_pretrained(path, dtype=dtype)
+        pipe = pipeline_class(path).from_pretrained(path, dtype=dtype)
     except OSError as error:
         raise OSError(f"could not load the model in {path}: {error}") from error
     finally:

@@ -17,6 +17,11 @@ each method through ``attention.apply``; with ``--compile``, under diffusers' re
 ``methods`` times each block-sparse method at the Wan2.1-1.3B attention shape: its selection alone, the kernel
 alone with that selection, the whole call, FlexAttention with the same block mask and dense cuDNN.
 
+    python scripts/benchmark.py flashblock [--chunks 8] [--refresh 2 4 5 8] [--json PATH]
+
+``flashblock`` times block diffusion's attention per denoising step (see bench_flashblock.py): no cache against
+FlashBlock's cache of the block-external attention, at a Wan-like width.
+
 A method spec is ``name`` or ``name:key=value,key=value`` (values read as Python literals; true / false / none
 in any case); ``all`` means every registered method, with the options in DEFAULT_OPTIONS where it has some.
 """
@@ -33,6 +38,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks kept in their own files beside this
 
 from t2v.cli import parse_value  # noqa: E402  (light: no torch; benchmarks import the rest lazily)
 
@@ -612,8 +618,10 @@ def add_methods_parser(sub):
     p.set_defaults(func=run_methods)
 
 
+from bench_flashblock import add_flashblock_parser  # noqa: E402  (beside this file)
+
 # Each entry adds one subcommand to the parser.
-SUBCOMMANDS = [add_attention_parser, add_model_parser, add_methods_parser]
+SUBCOMMANDS = [add_attention_parser, add_model_parser, add_methods_parser, add_flashblock_parser]
 
 
 def build_parser():

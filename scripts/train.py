@@ -34,17 +34,21 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
 
-    from pipelines import TextToVideoPipeline
+    from pipelines import BlockDiffusionPipeline, TextToVideoPipeline
     from pipelines.loading import TRAINED_ATTENTION_FILE
-    from t2v.models import TextEncoder, VideoDiT
+    from t2v.models import BlockVideoDiT, TextEncoder, VideoDiT
     from t2v.training import TrainConfig
 
     config = weights.parent / "train_config.json"
     trained = json.loads(config.read_text()) if config.exists() else {}
     shift = trained.get("timestep_shift", 1.0) if config.exists() else TrainConfig.timestep_shift
-    pipe = TextToVideoPipeline(
+    # A block-causal model exports as a BlockDiffusionPipeline (chunk-by-chunk generation).
+    is_block = json.loads((weights / "transformer" / "config.json").read_text()).get("_class_name") == "BlockVideoDiT"
+    pipeline_class, model_class = ((BlockDiffusionPipeline, BlockVideoDiT) if is_block
+                                   else (TextToVideoPipeline, VideoDiT))
+    pipe = pipeline_class(
         text_encoder=TextEncoder.from_pretrained(weights / "text_encoder"),
-        transformer=VideoDiT.from_pretrained(weights / "transformer"),
+        transformer=model_class.from_pretrained(weights / "transformer"),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
     )
@@ -108,6 +112,20 @@ def main(argv=None):
                         help="the guidance scale of those paths (the one the pipeline samples with)")
     parser.add_argument("--on-policy-steps", type=int, default=TrainConfig.on_policy_steps,
                         help="the sampling steps of those paths (the ones the pipeline is run with)")
+    parser.add_argument("--block", action="store_true",
+                        help="train a block-causal model (chunk-by-chunk generation) on windows of long clips with a "
+                             "noise level per chunk; from --init-from a VideoDiT's or a block model's weights; "
+                             "--transformer-config may set chunk_frames and window_chunks, and --frames must be "
+                             "their window, (window_chunks + 1) * chunk_frames")
+    parser.add_argument("--frames", type=int, default=16, help="frames of a training clip (a block model's window)")
+    parser.add_argument("--long-frames", type=int, default=TrainConfig.long_frames,
+                        help="with --block: the length of the long clips windows are cut from")
+    parser.add_argument("--chain-prob", type=float, default=TrainConfig.chain_prob,
+                        help="with --block: share of one-object long clips whose motion changes part-way")
+    parser.add_argument("--window-start-share", type=float, default=TrainConfig.window_start_share,
+                        help="with --block: share of windows that start at a clip's first frame")
+    parser.add_argument("--history-noise", type=float, default=TrainConfig.history_noise,
+                        help="with --block: the largest noise level of the finished chunks a chunk learns from")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
@@ -140,7 +158,8 @@ def main(argv=None):
         foreground_weight=args.foreground_weight, teacher_weight=args.teacher_weight,
         teacher_from=args.teacher_from, distill_guidance_scale=args.distill_guidance_scale,
         on_policy_share=args.on_policy_share, on_policy_guidance_scale=args.on_policy_guidance_scale,
-        on_policy_steps=args.on_policy_steps,
+        on_policy_steps=args.on_policy_steps, block=args.block, frames=args.frames, long_frames=args.long_frames,
+        chain_prob=args.chain_prob, history_noise=args.history_noise, window_start_share=args.window_start_share,
         save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_list(args) -> None:
     import attention
-    from pipelines.loading import available_models, trained_attention
+    from pipelines.loading import available_models, pipeline_class, trained_attention
     from t2v import EMBEDDED_MODEL
     from t2v.guidance import available_guidance
 
@@ -79,7 +79,9 @@ def cmd_list(args) -> None:
         try:
             trained = trained_attention(path)
             note = (f"fine-tuned with {trained[0]} {trained[1]}" if trained
-                    else "embedded, default" if name == EMBEDDED_MODEL else "a variant")
+                    else "embedded, default" if name == EMBEDDED_MODEL
+                    else "block diffusion: any number of frames, chunk by chunk"
+                    if pipeline_class(path).__name__ == "BlockDiffusionPipeline" else "a variant")
         except ValueError as error:
             note = str(error)
         print(f"  {name} ({note})  {path}")

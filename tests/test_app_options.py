@@ -49,3 +49,18 @@ def test_picking_a_model_sets_the_slider_to_its_own_guidance_scale(monkeypatch):
     picks = [d for d in demo.config["dependencies"] if any(t[1] == "change" for t in d["targets"])]
     components = {c["id"]: c["props"].get("elem_id") for c in demo.config["components"]}
     assert [(components[p["inputs"][0]], components[p["outputs"][0]]) for p in picks] == [("model", "guidance-scale")]
+
+
+def test_a_block_model_streams_its_chunks_and_sets_the_frames_slider(monkeypatch):
+    from test_block_diffusion import tiny_block_pipeline
+
+    block = tiny_block_pipeline()
+    monkeypatch.setattr(app, "get_pipeline", lambda model, method, options=(): block)
+    updates = list(app.generate_stream("a red circle moves to the right", 0, 2, 6, "block", app.MODEL_ATTENTION, "",
+                                       [], 3.0, 0.6, 0.5, progress=no_progress))
+    # Chunks of 2 frames: the first two chunks are shown as they come, then the whole clip.
+    assert [status.split(" of ")[0] for _, status in updates[:2]] == ["2", "4"]
+    assert "6 frames of 16x16" in updates[-1][1]
+    assert all(Path(path).stat().st_size > 0 for path, _ in updates)
+    scale, frames = app.pick_model("block", 15)
+    assert scale == 3.0 and frames["step"] == 2 and frames["maximum"] == app.LONG_FRAMES and frames["value"] == 14

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attention.adapters.block_causal import BlockCausalFamily
 from attention.adapters.wan_style import WanStyleFamily
 from attention.layout import VideoLayout
 
-FAMILIES = [WanStyleFamily()]
+# The block-causal family first: its models are VideoDiTs too, which the Wan-style family would also claim.
+FAMILIES = [BlockCausalFamily(), WanStyleFamily()]
 
 
 def find_family(model):

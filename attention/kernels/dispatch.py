@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import antidiagonal, group_mass, reference
-from .reference import block_index_from_mask, full_block_index, merge_attention  # noqa: F401
+from .reference import block_index_from_mask, full_block_index  # noqa: F401
 
 _warned: set = set()
 
@@ -31,7 +31,7 @@ def _import_triton_kernel(name: str):
 
 # Imported here, not on first use: a compiled graph (training with --compile) cannot trace an import.
 _TRITON_MODULES = {name: _import_triton_kernel(name) for name in ("triton_block_sparse", "triton_antidiagonal",
-                                                                   "triton_group_mass")}
+                                                                   "triton_group_mass", "triton_merge")}
 
 
 def _triton_kernel(name: str):
@@ -75,16 +75,59 @@ def block_sparse_attention(q, k, v, kv_block_index, kv_block_count, *, block_siz
 def dense_attention(q, k, v, scale=None, *, return_lse=True):
     """Full attention -> (out, lse). Without ``return_lse`` this is SDPA and lse is None.
 
-    With lse on CUDA, the Triton kernel runs with every block selected (it yields both).
+    With lse on CUDA in half precision: PyTorch's cuDNN attention op, else its FlashAttention-2 op (both return the
+    log-sum-exp they compute anyway; T2V_DENSE_LSE=flash picks FlashAttention-2, =triton the Triton kernel), else the
+    Triton kernel with every block selected. Where block diffusion merges its parts this is the hot call.
     """
     if not return_lse:
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    for backend in _lse_backends(q, k):
+        try:
+            if backend == "cudnn":
+                out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+            else:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
+                                                                              scale=scale)[:2]
+            return out, lse.reshape(q.shape[:3]).float()
+        except RuntimeError as error:  # this GPU or build lacks the backend for these shapes: try the next
+            _unusable_lse_backends.add(backend)
+            warnings.warn(f"dense attention with log-sum-exp: {backend} unavailable ({error})", RuntimeWarning)
     if triton_usable(q, 128):
         bs = 128
         B, H, N, _ = q.shape
         index, count = full_block_index(-(-N // bs), -(-k.shape[2] // bs), B, H, q.device)
         return _triton().block_sparse_attention(q, k, v, index, count, block_size=bs, scale=scale)
     return reference.dense_attention(q, k, v, scale=scale)
+
+
+_unusable_lse_backends: set = set()
+
+
+def _lse_backends(q, k) -> list:
+    """PyTorch's attention ops that return the log-sum-exp and can take these inputs, fastest first."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0) or torch.is_grad_enabled() and q.requires_grad:
+        return []
+    choice = os.environ.get("T2V_DENSE_LSE", "cudnn").lower()
+    order = {"cudnn": ["cudnn", "flash"], "flash": ["flash"]}.get(choice, [])
+    ops = {"cudnn": "_scaled_dot_product_cudnn_attention", "flash": "_scaled_dot_product_flash_attention"}
+    return [b for b in order if b not in _unusable_lse_backends and hasattr(torch.ops.aten, ops[b])]
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """(out, lse) over the union of two disjoint key sets; see ``reference.merge_attention``.
+
+    On CUDA, without gradients, one fused Triton pass (T2V_MERGE_TRITON=0 keeps PyTorch's elementwise ops).
+    """
+    needs_grad = torch.is_grad_enabled() and (out_a.requires_grad or out_b.requires_grad)
+    if out_a.is_cuda and not needs_grad and not torch.compiler.is_compiling():
+        merged = _scores_in_triton("triton_merge", "T2V_MERGE_TRITON", "attention merge",
+                                   lambda t: t.merge_usable(out_a, out_b),
+                                   lambda t: t.merge_attention(out_a, lse_a, out_b, lse_b))
+        if merged is not None:
+            return merged
+    return reference.merge_attention(out_a, lse_a, out_b, lse_b)
 
 
 def _scores_in_triton(module_name: str, env_variable: str, what: str, usable, run):

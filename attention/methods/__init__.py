@@ -8,7 +8,8 @@ self-attention layer with its options (so it can keep per-layer state) and then 
 Besides the user's options the adapter supplies, only where the signature names them:
   - `layer_index`: index of the layer (function call, or class constructor);
   - `step`: denoising step of the current generation, counted from 0 (function call, or `__call__`).
-A class may define `reset()`, called when a new generation starts.
+A class may define `reset()`, called when a new generation starts. A method that can also return its log-sum-exp
+takes `return_lse` (then returns (out, lse)): block diffusion merges it with the attention over earlier chunks.
 
 Under torch.compile every Python value a method branches on becomes a guard, and each new value a recompilation.
 So a method that varies by layer should be a class that reduces `layer_index` in its constructor to the few
@@ -33,6 +34,7 @@ _BUILTIN = {
     "xattention": "attention.methods.xattention:XAttention",
     "vmoba": "attention.methods.vmoba:VMoBAMethod",
     "oracle": "attention.methods.oracle:OracleBlocks",
+    "flashblock": "attention.methods.flashblock:FlashBlock",
 }
 
 _REGISTRY: dict[str, object] = dict(_BUILTIN)

@@ -134,17 +134,20 @@ class BlockSparseMethod:
         raise NotImplementedError
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout,
-                 step: int | None = None) -> torch.Tensor:
+                 step: int | None = None, return_lse: bool = False):
+        """The attention output (B, H, N, D), or with `return_lse` also its log-sum-exp (B, H, N)."""
         q, k, v = layout.to_tiles(q), layout.to_tiles(k), layout.to_tiles(v)
         selection = self._selection(q, k, v, layout, step)
         mask = selection.block_mask
         self.kept_blocks = self.kept_blocks.to(mask.device) + mask.sum()
         self.total_blocks = self.total_blocks.to(mask.device) + mask.numel()
         index, count = block_index_from_mask(mask)
-        out, _ = block_sparse_attention(
+        out, lse = block_sparse_attention(
             q, k, v, index, count, block_size=self.block_size, pooled_k=selection.pooled_k,
             pooled_v=selection.pooled_v, pooled_log_weight=selection.pooled_log_weight,
         )
+        if return_lse:
+            return layout.from_tiles(out), layout.from_tiles(lse.unsqueeze(-1)).squeeze(-1)
         return layout.from_tiles(out)
 
 

@@ -151,8 +151,9 @@ class VMoBAMethod(BlockSparseMethod):
         chunk_of_block(tiled, self.partition, device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout,
-                 step: int | None = None) -> torch.Tensor:
-        return super().__call__(q, k, v, partition_layout(layout.grid, self.block_size, self.partition), step)
+                 step: int | None = None, return_lse: bool = False):
+        tiled = partition_layout(layout.grid, self.block_size, self.partition)
+        return super().__call__(q, k, v, tiled, step, return_lse=return_lse)
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> Selection:

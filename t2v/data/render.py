@@ -127,13 +127,19 @@ def sample_layout(specs: list[ClipSpec], frames: int, height: int, width: int,
     centre_y = y0[..., None] + shift_y[..., None] * progress
     radius = start_radius[..., None] + (end_radius - start_radius)[..., None] * progress
 
+    return separated_try(centre_x, centre_y, radius, present, scale)
+
+
+def separated_try(centre_x, centre_y, radius, present, scale) -> Layout:
+    """Of (B, tries, K, T) paths, each clip's first try whose two objects keep OBJECT_GAP apart in every frame; if
+    none does, the one that keeps them furthest apart."""
+    batch, slots = centre_x.shape[0], centre_x.shape[2]
     if slots > 1:
         reach = radius[:, :, 0] + radius[:, :, 1]
         apart = torch.maximum((centre_x[:, :, 0] - centre_x[:, :, 1]).abs() - reach,
                               (centre_y[:, :, 0] - centre_y[:, :, 1]).abs() - reach)
         closest = torch.where(present[:, None, 1, None], apart, torch.inf).amin(-1)  # (B, tries)
         ok = closest >= OBJECT_GAP * scale
-        # First acceptable try; if none is, the one that keeps them furthest apart.
         choice = torch.where(ok.any(1), ok.int().argmax(1), closest.argmax(1))
     else:
         choice = torch.zeros(batch, dtype=torch.long)

@@ -33,8 +33,9 @@ SPLITS = ("train", "heldout")
 
 
 def _object_is_held_out(obj: ObjectSpec) -> bool:
+    # Every motion of a chain counts, so a long clip cannot slip a held-out pair in after a "then".
     return ((obj.colour, obj.shape) in HELD_OUT_COLOUR_SHAPE
-            or (obj.colour, obj.motion) in HELD_OUT_COLOUR_MOTION)
+            or any((obj.colour, motion) in HELD_OUT_COLOUR_MOTION for motion in obj.motions))
 
 
 def is_held_out(spec: ClipSpec) -> bool:
@@ -74,17 +75,23 @@ def sample_specs(n: int, generator=None, split: str = "train",
     rng = as_python_rng(generator)
     specs = []
     for _ in range(n):
-        first = _train_object(rng) if split == "train" else _held_out_object(rng)
-        objects = [first]
-        if rng.random() < two_object_prob:
-            if split == "train":
-                objects.append(_train_object(rng, exclude_colour=first.colour))
-            else:
-                while (second := _random_object(rng)).colour == first.colour:
-                    pass
-                objects.append(second)
-        specs.append(ClipSpec(tuple(objects), rng.choice(BACKGROUNDS)))
+        specs.append(ClipSpec(tuple(draw_objects(rng, split, two_object_prob)), rng.choice(BACKGROUNDS)))
     return specs
+
+
+def draw_objects(rng, split: str, two_object_prob: float) -> list:
+    """One clip's objects: a first one fit for the split, and with probability two_object_prob a second of another
+    colour (in "heldout" the first carries the held-out pair, the second may be anything)."""
+    first = _train_object(rng) if split == "train" else _held_out_object(rng)
+    objects = [first]
+    if rng.random() < two_object_prob:
+        if split == "train":
+            objects.append(_train_object(rng, exclude_colour=first.colour))
+        else:
+            while (second := _random_object(rng)).colour == first.colour:
+                pass
+            objects.append(second)
+    return objects
 
 
 class VideoWorld:

@@ -67,6 +67,8 @@ class ObjectReading:
     displacement: tuple[float, float]  # fitted whole-clip travel as a fraction of width, height
     size_ratio: float  # fitted radius at the last frame / at the first
     colour_std: float  # how much the object's mean colour changes over frames
+    # (T, 4) box x_min, x_max, y_min, y_max in pixels, soft edges counted by coverage; NaN where missing
+    extent: np.ndarray | None = None
 
 
 @dataclass
@@ -132,6 +134,16 @@ def _soft_fill(coverage: np.ndarray) -> float:
     return float(coverage.sum() / max(width * height, 1e-9))
 
 
+def _soft_extent(profile: np.ndarray, centre: float) -> tuple[float, float]:
+    """Low and high edge of an object along one axis, from the most each pixel line is covered.
+
+    Each line before the centre adds its uncovered share to the low edge (and
+    likewise after it to the high edge), so a soft edge lands between pixels.
+    """
+    middle = int(np.clip(centre, 0, len(profile) - 1))
+    return float((1 - profile[:middle]).sum()), float(len(profile) - (1 - profile[middle + 1:]).sum())
+
+
 def _read_object(colour: str, mask: np.ndarray, coverage: np.ndarray, frames: np.ndarray) -> ObjectReading:
     """``mask``: (T, H, W) pixels clearly of this colour; ``coverage``: (T, H, W)
     how much of each pixel the object covers, including soft edges."""
@@ -140,11 +152,13 @@ def _read_object(colour: str, mask: np.ndarray, coverage: np.ndarray, frames: np
     coverage = coverage * _grow_by_one_pixel(mask)  # stray pixels elsewhere are not the object
     areas = coverage.sum((1, 2)).astype(np.float64)
     track = np.full((steps, 2), np.nan)
+    extent = np.full((steps, 4), np.nan)
     grid_y, grid_x = np.mgrid[0:height, 0:width] + 0.5
     fills, balances, mean_colours = [], [], []
     for t in np.flatnonzero(present):
         weight = coverage[t] / max(areas[t], 1e-9)
         track[t] = (weight * grid_x).sum(), (weight * grid_y).sum()
+        extent[t] = _soft_extent(coverage[t].max(0), track[t, 0]) + _soft_extent(coverage[t].max(1), track[t, 1])
         fills.append(_soft_fill(coverage[t]))
         ys, xs = np.nonzero(mask[t])
         balances.append((ys.mean() - ys.min() + 0.5) / (ys.max() - ys.min() + 1))
@@ -181,7 +195,7 @@ def _read_object(colour: str, mask: np.ndarray, coverage: np.ndarray, frames: np
         speed = "fast" if travel >= FAST_MIN_TRAVEL else "slow"
     colour_std = float(np.std(mean_colours, axis=0).mean()) if len(mean_colours) > 1 else 0.0
     return ObjectReading(colour, shape, fill, balance, track, areas, motion, speed, (dx, dy),
-                         size_ratio, colour_std)
+                         size_ratio, colour_std, extent)
 
 
 def _coverage(frames: np.ndarray, background_rgb: np.ndarray, colours: np.ndarray) -> np.ndarray:

@@ -15,13 +15,19 @@ from t2v.eval.scorer import CONFUSION_ATTRIBUTES, confusion, read_clip, score_su
 def generate_suite(pipe, split: str, n_prompts: int, seeds: int, batch_size: int = 32, prompt_seed: int = 0,
                    **call_kwargs) -> tuple[np.ndarray, list, list[str]]:
     """Clips (n_prompts * seeds, T, H, W, 3) for the split's prompts, clip i seeded with a generator of seed i."""
-    suite = prompt_suite(split, n_prompts, seed=prompt_seed)
+    return generate_clips(pipe, prompt_suite(split, n_prompts, seed=prompt_seed), seeds, batch_size,
+                          f"{split} suite", **call_kwargs)
+
+
+def generate_clips(pipe, suite: list, seeds: int, batch_size: int, description: str,
+                   **call_kwargs) -> tuple[np.ndarray, list, list[str]]:
+    """Clips of every (caption, spec) of `suite` with seeds 0..seeds-1 each, in batches; and their specs, captions."""
     captions = [c for c, _ in suite for _ in range(seeds)]
     specs = [s for _, s in suite for _ in range(seeds)]
     seeds_per_clip = [k for _ in suite for k in range(seeds)]
     device = getattr(pipe, "_execution_device", "cpu")
     clips = []
-    for start in tqdm(range(0, len(captions), batch_size), desc=f"{split} suite", leave=False):
+    for start in tqdm(range(0, len(captions), batch_size), desc=description, leave=False):
         stop = start + batch_size
         generators = [torch.Generator(device).manual_seed(s) for s in seeds_per_clip[start:stop]]
         out = pipe(captions[start:stop], generator=generators, output_type="np", **call_kwargs)

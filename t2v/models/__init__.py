@@ -1,6 +1,7 @@
+from t2v.models.block_dit import BlockVideoDiT
 from t2v.models.video_dit import VideoDiT
 
-__all__ = ["TextEncoder", "VideoDiT"]
+__all__ = ["BlockVideoDiT", "TextEncoder", "VideoDiT"]
 
 
 def __getattr__(name):

@@ -29,11 +29,14 @@ class CaptionLayout(nn.Module):
         self.out_weight = nn.Parameter(torch.zeros(dim, dim))
         self.out_bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, context: torch.Tensor, text_mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """context (B, L, D) and text_mask (B, L) -> (B, frames * rows * columns, D), frame-major like the tokens."""
+    def forward(self, context: torch.Tensor, text_mask: torch.Tensor, grid: tuple[int, int, int],
+                frame_offset: int = 0) -> torch.Tensor:
+        """context (B, L, D) and text_mask (B, L) -> (B, frames * rows * columns, D), frame-major like the tokens.
+        `frame_offset`: the position of the first frame (a chunk that continues earlier frames)."""
         frames, rows, columns = grid
         batch, length, dim = context.shape
-        queries = (self.frame_row_queries[:frames, :rows, None] + self.frame_column_queries[:frames, None, :columns])
+        span = slice(frame_offset, frame_offset + frames)
+        queries = (self.frame_row_queries[span, :rows, None] + self.frame_column_queries[span, None, :columns])
         queries = queries.reshape(1, -1, self.heads, dim // self.heads).transpose(1, 2).to(context.dtype)
         keys = F.linear(context, self.key_weight).view(batch, length, self.heads, -1).transpose(1, 2)
         values = F.linear(context, self.value_weight).view(batch, length, self.heads, -1).transpose(1, 2)

@@ -128,17 +128,19 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         expanded = per_frame[:, :, None].expand(-1, -1, tokens_per_frame, *per_frame.shape[2:])
         return expanded.flatten(1, 2)
 
-    def _modulation_positions(self, grid: tuple[int, int, int]) -> torch.Tensor | None:
-        """The conditioning's positional term: (frames, D) per frame, (frames * rows * columns, D) per token, or None."""
+    def _modulation_positions(self, grid: tuple[int, int, int], frame_offset: int = 0) -> torch.Tensor | None:
+        """The conditioning's positional term: (frames, D) per frame, (frames * rows * columns, D) per token, or None.
+        `frame_offset`: the position of the first frame (a chunk that continues earlier frames)."""
         c = self.config
         frames, rows, columns = grid
+        span = slice(frame_offset, frame_offset + frames)
         if not c.position_modulation:
-            return self.frame_modulation_embedding[:frames].float() if c.frame_modulation else None
+            return self.frame_modulation_embedding[span].float() if c.frame_modulation else None
         # Summed in float32: in bfloat16 the sum of three tables would round away part of each.
         term = (self.row_modulation_embedding[:rows, None].float()
                 + self.column_modulation_embedding[None, :columns].float())
         if c.frame_modulation:
-            term = self.frame_modulation_embedding[:frames, None, None].float() + term
+            term = self.frame_modulation_embedding[span, None, None].float() + term
         return term.expand(frames, rows, columns, -1).flatten(0, 2)
 
     def supported_shapes(self) -> str:

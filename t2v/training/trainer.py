@@ -23,10 +23,13 @@ from tqdm.auto import tqdm
 
 from t2v import TRAINED_ATTENTION_FILE
 from t2v.data import VideoWorld, vocabulary
-from t2v.models import TextEncoder, VideoDiT
+from t2v.data.long_clips import LongVideoWorld
+from t2v.models import BlockVideoDiT, TextEncoder, VideoDiT
+from t2v.models.block_dit import block_model_from
+from t2v.training.block_training import block_batch
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
 from t2v.training.distillation import DenseTeacher, blended_target, guidance_pairs, guided_error
-from t2v.training.flow_path import path_velocity
+from t2v.training.flow_path import path_velocity, sample_timesteps  # noqa: F401 (sample_timesteps re-exported)
 from t2v.training.foreground_weights import foreground_weights
 from t2v.training.on_policy import OnPolicyStates
 
@@ -59,6 +62,11 @@ class TrainConfig:
     on_policy_share: float = 0.0  # share of each batch taken from the student's own guided sampling paths (0: off)
     on_policy_guidance_scale: float = 2.5  # the guidance scale those paths are sampled with
     on_policy_steps: int = 20  # the number of sampling steps of those paths
+    block: bool = False  # train a block-causal BlockVideoDiT on windows of long clips (diffusion forcing)
+    long_frames: int = 64  # length of the long clips its windows are cut from
+    chain_prob: float = 0.3  # share of one-object long clips whose motion changes part-way
+    window_start_share: float = 0.35  # share of windows that start at a clip's first frame
+    history_noise: float = 0.05  # largest time (noise level) of the history chunks a chunk learns to continue
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -86,7 +94,10 @@ class FlowMatchingModule(torch.nn.Module):
 
     def forward(self, input_ids, text_mask, videos, t, noise, attribute_targets=None, stated=None, pixel_weights=None,
                 teacher_velocity=None, teacher_weight: float = 0.0, guidance_scale: float = 0.0):
-        text = self.text_encoder(input_ids, text_mask)
+        if input_ids.ndim == 3:  # one caption per chunk (B, chunks, L) for a block-causal model
+            text = self.text_encoder(input_ids.flatten(0, 1), text_mask.flatten(0, 1)).unflatten(0, input_ids.shape[:2])
+        else:
+            text = self.text_encoder(input_ids, text_mask)
         velocity = path_velocity(self.transformer, text, text_mask, videos, t, noise)
         error = velocity.float() - blended_target(videos, noise, teacher_velocity, teacher_weight)
         flow = weighted_mean(error ** 2, pixel_weights)
@@ -103,6 +114,8 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
 
 
 def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
+    if cfg.block:
+        return _build_block_models(cfg)
     if cfg.init_from:
         root = Path(cfg.init_from)
         # Config overrides may add parameters the weights lack (e.g. absolute_positions); those keep their own init.
@@ -114,6 +127,24 @@ def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
                            sample_height=cfg.height, sample_width=cfg.width)
     transformer_cfg.update(cfg.transformer)
     return text_encoder, VideoDiT(**transformer_cfg)
+
+
+def _build_block_models(cfg: TrainConfig) -> tuple[TextEncoder, BlockVideoDiT]:
+    """A BlockVideoDiT: from a block model's weights, from a trained VideoDiT's (the same parameters, made
+    block-causal), or new. `cfg.transformer` may set chunk_frames and window_chunks."""
+    block_options = {k: cfg.transformer[k] for k in ("chunk_frames", "window_chunks") if k in cfg.transformer}
+    if cfg.init_from:
+        root = Path(cfg.init_from)
+        text_encoder = TextEncoder.from_pretrained(root / "text_encoder")
+        saved = json.loads((root / "transformer" / "config.json").read_text()).get("_class_name")
+        if saved == BlockVideoDiT.__name__:
+            return text_encoder, BlockVideoDiT.from_pretrained(root / "transformer", **block_options)
+        return text_encoder, block_model_from(VideoDiT.from_pretrained(root / "transformer"), **block_options)
+    text_encoder = TextEncoder(vocab=vocabulary(), **cfg.text_encoder)
+    transformer_cfg = dict(text_dim=text_encoder.config.hidden_size, sample_frames=cfg.frames,
+                           sample_height=cfg.height, sample_width=cfg.width)
+    transformer_cfg.update(cfg.transformer)
+    return text_encoder, BlockVideoDiT(**transformer_cfg)
 
 
 POSITION_TABLES = ("frame_embedding", "row_embedding", "column_embedding", "frame_modulation_embedding",
@@ -147,23 +178,6 @@ def parameter_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def sample_timesteps(batch: int, generator: torch.Generator, device, shift: float,
-                     uniform_share: float = 0.1, low: float = 0.0) -> torch.Tensor:
-    """Times in (low, 1), 1 = pure noise: shifted logit-normal, with a share drawn uniformly to cover both ends.
-
-    Logit-normal times concentrate training on the middle of the path, where the velocity is hardest to predict.
-    The shift moves them toward noise: a clip's global layout (background, where objects are and which way they
-    go) is averaged over thousands of pixels, so it is already decided at noise levels that plain logit-normal
-    times almost never reach. Sampling uses the same shift (the scheduler's `shift`).
-    """
-    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
-    uniform = torch.rand(batch, generator=generator, device=device)
-    pick_uniform = torch.rand(batch, generator=generator, device=device) < uniform_share
-    t = torch.where(pick_uniform, uniform, t)
-    t = shift * t / (1 + (shift - 1) * t)
-    return low + (1 - low) * t  # the same shape of distribution, squeezed into [low, 1)
-
-
 def sampling_scheduler(cfg: TrainConfig) -> FlowMatchEulerDiscreteScheduler:
     """The sampler's scheduler as exported with the init weights, else one with the training times' shift."""
     if cfg.init_from and (Path(cfg.init_from) / "scheduler").is_dir():
@@ -194,6 +208,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if cfg.teacher_weight and not cfg.teacher_from and fine_tuned_with_sparse_attention(cfg.init_from):
         raise ValueError(f"init_from {cfg.init_from} was fine-tuned with a sparse attention method, so with dense "
                          f"attention it is no teacher: name the dense model it came from with teacher_from")
+    if cfg.block and (cfg.teacher_weight or cfg.on_policy_share or cfg.caption_attribute_loss or cfg.attention):
+        raise ValueError("block training (block) takes none of teacher_weight, on_policy_share, "
+                         "caption_attribute_loss or attention")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None)
     set_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.output_dir)
@@ -260,8 +277,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             ) from error
         start_step = int(Path(resume).name.split("-")[-1])
 
-    world = VideoWorld(cfg.frames, cfg.height, cfg.width, split="train",
-                       two_object_prob=cfg.two_object_prob, device=accelerator.device)
+    if cfg.block:
+        chunk_frames = transformer.config.chunk_frames
+        if cfg.frames != transformer.window_frames:
+            raise ValueError(f"block training takes windows of the model's {transformer.window_frames} frames "
+                             f"(frames={cfg.frames})")
+        world = LongVideoWorld(cfg.long_frames, cfg.height, cfg.width, split="train", two_object_prob=cfg.two_object_prob,
+                               chain_prob=cfg.chain_prob, chunk_frames=chunk_frames, device=accelerator.device)
+    else:
+        world = VideoWorld(cfg.frames, cfg.height, cfg.width, split="train",
+                           two_object_prob=cfg.two_object_prob, device=accelerator.device)
     generator = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index + start_step)
     tokenizer = accelerator.unwrap_model(module).text_encoder
     on_policy = None
@@ -273,32 +298,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                     disable=not accelerator.is_local_main_process, desc="train")
     step = start_step
     for step in progress:
-        videos, captions, _ = world.sample(cfg.batch_size, generator)
-        drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
-        t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
-        noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
-        if on_policy is not None:
-            if on_policy.needs_refill():
-                student = accelerator.unwrap_model(module)
-                with accelerator.autocast():
-                    on_policy.refill(student.text_encoder, student.transformer,
-                                     world.sample_captions(on_policy.paths, generator), generator)
-            videos, captions, t, noise = on_policy.mix_into(videos, captions, t, noise)
-        targets = attribute_targets(captions).to(accelerator.device) if attribute_head is not None else None
-        # With guidance pairs `drop` is replaced below; drawing it anyway keeps the times and noise the same draws.
-        if cfg.distill_guidance_scale:  # half the clips, each with its caption, then each without
-            half = len(captions) // 2
-            videos, t, noise = guidance_pairs(half, videos, t, noise)
-            targets = guidance_pairs(half, targets)[0] if targets is not None else None
-            captions, drop = captions[:half] * 2, torch.arange(2 * half, device=accelerator.device) >= half
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
-        weights = foreground_weights(videos, cfg.foreground_weight) if cfg.foreground_weight != 1.0 else None
-        ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
-        with accelerator.autocast():
-            teacher_velocity = teacher(ids, mask, videos, t, noise) if teacher is not None else None
-            loss, attribute_loss = module(ids, mask, videos, t, noise, targets, (~drop).float(), weights,
-                                          teacher_velocity, cfg.teacher_weight, cfg.distill_guidance_scale)
+        if cfg.block:
+            loss = _block_step(cfg, world, module, tokenizer, generator, accelerator)
+            attribute_loss = torch.zeros((), device=accelerator.device)
+        else:
+            loss, attribute_loss = _data_step(cfg, world, module, tokenizer, generator, accelerator, teacher,
+                                              on_policy, attribute_head)
         accelerator.backward(loss + cfg.caption_attribute_loss * attribute_loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
@@ -335,3 +340,53 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         ema.restore(unwrapped.parameters())
         (out / "trained_steps.txt").write_text(f"{step + 1}\n")
     return final
+
+
+def _data_step(cfg: TrainConfig, world, module, tokenizer, generator, accelerator, teacher, on_policy,
+               attribute_head):
+    """One batch of noised world clips (and on-policy states, guidance pairs): (flow loss, attribute loss)."""
+    videos, captions, _ = world.sample(cfg.batch_size, generator)
+    drop = torch.rand(len(captions), generator=generator, device=accelerator.device) < cfg.caption_dropout
+    t = sample_timesteps(len(captions), generator, accelerator.device, cfg.timestep_shift, low=cfg.min_timestep)
+    noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
+    if on_policy is not None:
+        if on_policy.needs_refill():
+            student = accelerator.unwrap_model(module)
+            with accelerator.autocast():
+                on_policy.refill(student.text_encoder, student.transformer,
+                                 world.sample_captions(on_policy.paths, generator), generator)
+        videos, captions, t, noise = on_policy.mix_into(videos, captions, t, noise)
+    targets = attribute_targets(captions).to(accelerator.device) if attribute_head is not None else None
+    # With guidance pairs `drop` is replaced below; drawing it anyway keeps the times and noise the same draws.
+    if cfg.distill_guidance_scale:  # half the clips, each with its caption, then each without
+        half = len(captions) // 2
+        videos, t, noise = guidance_pairs(half, videos, t, noise)
+        targets = guidance_pairs(half, targets)[0] if targets is not None else None
+        captions, drop = captions[:half] * 2, torch.arange(2 * half, device=accelerator.device) >= half
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    ids, mask = tokenizer.tokenize(captions, warn_unknown=False)
+    weights = foreground_weights(videos, cfg.foreground_weight) if cfg.foreground_weight != 1.0 else None
+    ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
+    with accelerator.autocast():
+        teacher_velocity = teacher(ids, mask, videos, t, noise) if teacher is not None else None
+        loss, attribute_loss = module(ids, mask, videos, t, noise, targets, (~drop).float(), weights,
+                                      teacher_velocity, cfg.teacher_weight, cfg.distill_guidance_scale)
+    return loss, attribute_loss
+
+
+def _block_step(cfg: TrainConfig, world, module, tokenizer, generator, accelerator):
+    """One batch of long-clip windows with a noise level per chunk (block-causal model): the flow loss."""
+    transformer = accelerator.unwrap_model(module).transformer
+    videos, chunk_captions, t, weights = block_batch(
+        world, cfg.batch_size, cfg.frames, transformer.config.chunk_frames, generator, cfg.caption_dropout,
+        cfg.timestep_shift, cfg.history_noise, cfg.window_start_share, low=cfg.min_timestep)
+    if cfg.foreground_weight != 1.0:
+        weights = weights * foreground_weights(videos, cfg.foreground_weight)
+    noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
+    chunks = len(chunk_captions[0])
+    ids, mask = tokenizer.tokenize([c for row in chunk_captions for c in row], warn_unknown=False)
+    ids = ids.to(accelerator.device).view(len(chunk_captions), chunks, -1)
+    mask = mask.to(accelerator.device).view(len(chunk_captions), chunks, -1)
+    with accelerator.autocast():
+        loss, _ = module(ids, mask, videos, t, noise, pixel_weights=weights)
+    return loss
