@@ -619,9 +619,10 @@ def add_methods_parser(sub):
 
 
 from bench_flashblock import add_flashblock_parser  # noqa: E402  (beside this file)
+from bench_mate import add_mate_parser  # noqa: E402
 
 # Each entry adds one subcommand to the parser.
-SUBCOMMANDS = [add_attention_parser, add_model_parser, add_methods_parser, add_flashblock_parser]
+SUBCOMMANDS = [add_attention_parser, add_model_parser, add_methods_parser, add_flashblock_parser, add_mate_parser]
 
 
 def build_parser():

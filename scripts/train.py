@@ -36,16 +36,17 @@ def export_pipeline(weights: Path, destination: Path, dtype: str = "float16", sh
 
     from pipelines import BlockDiffusionPipeline, TextToVideoPipeline
     from pipelines.loading import TRAINED_ATTENTION_FILE
-    from t2v.models import BlockVideoDiT, TextEncoder, VideoDiT
+    from t2v.models import BlockVideoDiT, MateVideoDiT, TextEncoder, VideoDiT
     from t2v.training import TrainConfig
 
     config = weights.parent / "train_config.json"
     trained = json.loads(config.read_text()) if config.exists() else {}
     shift = trained.get("timestep_shift", 1.0) if config.exists() else TrainConfig.timestep_shift
     # A block-causal model exports as a BlockDiffusionPipeline (chunk-by-chunk generation).
-    is_block = json.loads((weights / "transformer" / "config.json").read_text()).get("_class_name") == "BlockVideoDiT"
-    pipeline_class, model_class = ((BlockDiffusionPipeline, BlockVideoDiT) if is_block
-                                   else (TextToVideoPipeline, VideoDiT))
+    saved_class = json.loads((weights / "transformer" / "config.json").read_text()).get("_class_name")
+    pipeline_class, model_class = {"BlockVideoDiT": (BlockDiffusionPipeline, BlockVideoDiT),
+                                   "MateVideoDiT": (TextToVideoPipeline, MateVideoDiT)}.get(
+        saved_class, (TextToVideoPipeline, VideoDiT))
     pipe = pipeline_class(
         text_encoder=TextEncoder.from_pretrained(weights / "text_encoder"),
         transformer=model_class.from_pretrained(weights / "transformer"),
@@ -117,6 +118,10 @@ def main(argv=None):
                              "noise level per chunk; from --init-from a VideoDiT's or a block model's weights; "
                              "--transformer-config may set chunk_frames and window_chunks, and --frames must be "
                              "their window, (window_chunks + 1) * chunk_frames")
+    parser.add_argument("--mixer", choices=("attention", "mate"), default="attention",
+                        help="the token mixer: self-attention, or LinGen's MATE (bidirectional Mamba2 + temporal "
+                             "swin attention); MATE from --init-from a VideoDiT takes its weights, self-attention's "
+                             "becoming the swin branch's")
     parser.add_argument("--frames", type=int, default=16, help="frames of a training clip (a block model's window)")
     parser.add_argument("--long-frames", type=int, default=TrainConfig.long_frames,
                         help="with --block: the length of the long clips windows are cut from")
@@ -158,7 +163,8 @@ def main(argv=None):
         foreground_weight=args.foreground_weight, teacher_weight=args.teacher_weight,
         teacher_from=args.teacher_from, distill_guidance_scale=args.distill_guidance_scale,
         on_policy_share=args.on_policy_share, on_policy_guidance_scale=args.on_policy_guidance_scale,
-        on_policy_steps=args.on_policy_steps, block=args.block, frames=args.frames, long_frames=args.long_frames,
+        on_policy_steps=args.on_policy_steps, block=args.block, mixer=args.mixer, frames=args.frames,
+        long_frames=args.long_frames,
         chain_prob=args.chain_prob, history_noise=args.history_noise, window_start_share=args.window_start_share,
         save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,

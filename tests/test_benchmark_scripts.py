@@ -189,3 +189,17 @@ def test_evaluate_prints_confusion_tables_and_records_its_settings(tmp_path, cap
         assert sum(sum(row.values()) for row in table.values()) >= 2  # every object of both clips is tabled
     printed = capsys.readouterr().out
     assert "prompted shape (rows)" in printed and "prompted motion (rows)" in printed
+
+
+def test_flashblock_and_mate_subcommands_on_toy_sizes(tmp_path, capsys):
+    out = tmp_path / "fb.json"
+    benchmark.main(["flashblock", "--tiny", "--chunks", "3", "--steps", "4", "--refresh", "1", "2",
+                    "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["refresh_every"] for r in rows] == [None, 1, 2] and all(r["last_chunk_ms"] > 0 for r in rows)
+    out = tmp_path / "mate.json"
+    benchmark.main(["mate", "--tiny", "--sizes", "8k", "32k", "--runs", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["tokens"] for r in data["rows"]] == [128, 512]
+    assert all(r[key] > 0 for r in data["rows"] for key in ("dense_fwd_ms", "mate_fwd_ms", "mate_fwd_bwd_ms"))
+    assert data["model"]["mate_ms"] > 0 and "whole model forward" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 from t2v.models.block_dit import BlockVideoDiT
+from t2v.models.mate_dit import MateVideoDiT
 from t2v.models.video_dit import VideoDiT
 
-__all__ = ["BlockVideoDiT", "TextEncoder", "VideoDiT"]
+__all__ = ["BlockVideoDiT", "MateVideoDiT", "TextEncoder", "VideoDiT"]
 
 
 def __getattr__(name):

@@ -26,6 +26,7 @@ from t2v.data import VideoWorld, vocabulary
 from t2v.data.long_clips import LongVideoWorld
 from t2v.models import BlockVideoDiT, TextEncoder, VideoDiT
 from t2v.models.block_dit import block_model_from
+from t2v.models.mate_dit import MateVideoDiT, mate_model_from
 from t2v.training.block_training import block_batch
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
 from t2v.training.distillation import DenseTeacher, blended_target, guidance_pairs, guided_error
@@ -63,6 +64,7 @@ class TrainConfig:
     on_policy_guidance_scale: float = 2.5  # the guidance scale those paths are sampled with
     on_policy_steps: int = 20  # the number of sampling steps of those paths
     block: bool = False  # train a block-causal BlockVideoDiT on windows of long clips (diffusion forcing)
+    mixer: str = "attention"  # the token mixer: "attention" (VideoDiT) or "mate" (MateVideoDiT, LinGen's MATE)
     long_frames: int = 64  # length of the long clips its windows are cut from
     chain_prob: float = 0.3  # share of one-object long clips whose motion changes part-way
     window_start_share: float = 0.35  # share of windows that start at a clip's first frame
@@ -114,8 +116,12 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
 
 
 def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
+    if cfg.mixer not in ("attention", "mate"):
+        raise ValueError(f"mixer must be 'attention' or 'mate', got {cfg.mixer!r}")
     if cfg.block:
         return _build_block_models(cfg)
+    if cfg.mixer == "mate":
+        return _build_mate_models(cfg)
     if cfg.init_from:
         root = Path(cfg.init_from)
         # Config overrides may add parameters the weights lack (e.g. absolute_positions); those keep their own init.
@@ -145,6 +151,23 @@ def _build_block_models(cfg: TrainConfig) -> tuple[TextEncoder, BlockVideoDiT]:
                            sample_height=cfg.height, sample_width=cfg.width)
     transformer_cfg.update(cfg.transformer)
     return text_encoder, BlockVideoDiT(**transformer_cfg)
+
+
+def _build_mate_models(cfg: TrainConfig) -> tuple[TextEncoder, MateVideoDiT]:
+    """A MateVideoDiT: from a MATE model's weights, from a trained VideoDiT's (self-attention's weights become the
+    TE-branch's, the Mamba branch starts closed), or new. `cfg.transformer` may set its config (mate_window, ...)."""
+    if cfg.init_from:
+        root = Path(cfg.init_from)
+        text_encoder = TextEncoder.from_pretrained(root / "text_encoder")
+        saved = json.loads((root / "transformer" / "config.json").read_text()).get("_class_name")
+        if saved == MateVideoDiT.__name__:
+            return text_encoder, MateVideoDiT.from_pretrained(root / "transformer", **cfg.transformer)
+        return text_encoder, mate_model_from(VideoDiT.from_pretrained(root / "transformer"), **cfg.transformer)
+    text_encoder = TextEncoder(vocab=vocabulary(), **cfg.text_encoder)
+    transformer_cfg = dict(text_dim=text_encoder.config.hidden_size, sample_frames=cfg.frames,
+                           sample_height=cfg.height, sample_width=cfg.width)
+    transformer_cfg.update(cfg.transformer)
+    return text_encoder, MateVideoDiT(**transformer_cfg)
 
 
 POSITION_TABLES = ("frame_embedding", "row_embedding", "column_embedding", "frame_modulation_embedding",
@@ -191,9 +214,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         raise ValueError(f"foreground_weight must be positive (1: a plain mean), got {cfg.foreground_weight}")
     if not 0 <= cfg.teacher_weight <= 1:
         raise ValueError(f"teacher_weight must lie in [0, 1], got {cfg.teacher_weight}")
-    if cfg.teacher_weight and not ((cfg.teacher_from or cfg.init_from) and cfg.attention):
+    if cfg.teacher_weight and not ((cfg.teacher_from or cfg.init_from) and (cfg.attention or cfg.mixer == "mate")):
         raise ValueError("teacher_weight needs a trained teacher (teacher_from, or the init_from weights with the "
-                         "model's own dense attention) and attention (the method the student trains with)")
+                         "model's own dense attention) and attention (the method the student trains with) or the "
+                         "MATE mixer")
+    if cfg.mixer == "mate" and (cfg.block or cfg.attention):
+        raise ValueError("the MATE mixer has no attention method to install and no block-causal variant")
     if cfg.teacher_from and not cfg.teacher_weight:
         raise ValueError("teacher_from is used only with a teacher_weight above 0")
     if cfg.distill_guidance_scale and not (cfg.teacher_weight and cfg.distill_guidance_scale > 1
@@ -223,8 +249,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if cfg.teacher_weight:
         # A named teacher is taken as saved (the student's config overrides would add untrained parts to it); else
         # the student's models are copied before their attention changes, so the teacher keeps the model's own.
-        teacher_models = build_models(replace(cfg, init_from=cfg.teacher_from, transformer={}, text_encoder={})) \
-            if cfg.teacher_from else (copy.deepcopy(text_encoder), copy.deepcopy(transformer))
+        # A MATE student is distilled from the attention model it was converted from.
+        teacher_models = build_models(replace(cfg, init_from=cfg.teacher_from or cfg.init_from, transformer={},
+                                              text_encoder={}, mixer="attention")) \
+            if cfg.teacher_from or cfg.mixer != "attention" else (copy.deepcopy(text_encoder),
+                                                                 copy.deepcopy(transformer))
         teacher = DenseTeacher(*teacher_models).to(accelerator.device)
     if cfg.attention:
         # Fine-tuning with a sparse method (VMoBA is trained this way) goes through its kernel's backward.
