@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 EMBEDDED_MODEL = "t2v-tiny"
 # Variants of the embedded model that ship with it: the same model fine-tuned with a sparse attention method, and
 # its block-causal version that makes clips of any length chunk by chunk.
-EMBEDDED_VARIANTS = ("t2v-tiny-vmoba", "t2v-tiny-rectified", "t2v-tiny-block")
+EMBEDDED_VARIANTS = ("t2v-tiny-vmoba", "t2v-tiny-rectified", "t2v-tiny-block", "t2v-tiny-mate")
 # A pipeline folder may name the attention its weights were fine-tuned with; loading installs it unless told otherwise.
 TRAINED_ATTENTION_FILE = "attention_config.json"
 

@@ -114,3 +114,18 @@ def test_attention_methods_refuse_a_mate_model():
 
     with pytest.raises(ValueError):
         attention.apply(MateVideoDiT(**TINY_MATE), "vmoba")
+
+
+def test_the_shipped_mate_variant_loads_and_generates_end_to_end():
+    from pipelines import load_pipeline
+    from pipelines.loading import available_models
+
+    assert "t2v-tiny-mate" in available_models()
+    pipe = load_pipeline("t2v-tiny-mate", device="cpu")
+    assert isinstance(pipe.transformer, MateVideoDiT)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a red circle moves to the right on black", num_frames=20, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 20, 32, 32, 3) and np.isfinite(frames).all() and frames.std() > 0.01
+    with pytest.raises(ValueError, match="frames"):
+        pipe("a red circle moves to the right", num_frames=132, num_inference_steps=1)

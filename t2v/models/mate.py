@@ -88,8 +88,14 @@ class MambaBranch(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def _review_tokens(self, scanned: torch.Tensor) -> torch.Tensor:
-        summary = F.adaptive_avg_pool1d(scanned.transpose(1, 2).float(), self.review_count).transpose(1, 2)
-        return summary.to(scanned.dtype) + self.review.to(scanned.dtype)
+        """The scan cut into review_count equal segments, each averaged, plus the learned embedding. (Summed with
+        index_add: CUDA's adaptive pooling cannot run its backward over 8k tokens of 1536 channels.)"""
+        length, count = scanned.shape[1], self.review_count
+        segment = torch.arange(length, device=scanned.device) * count // length
+        sums = scanned.new_zeros(scanned.shape[0], count, scanned.shape[2], dtype=torch.float32)
+        sums = sums.index_add(1, segment, scanned.float())
+        sizes = torch.bincount(segment, minlength=count).clamp(min=1).to(sums.dtype)
+        return (sums / sizes[:, None]).to(scanned.dtype) + self.review.to(scanned.dtype)
 
     def _scan(self, xbc: torch.Tensor, dt: torch.Tensor, direction: int) -> torch.Tensor:
         """One direction over (B, L, channels) inputs already in its scan order -> (B, L, inner)."""
