@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 import time
 import warnings
@@ -78,11 +79,14 @@ def cmd_list(args) -> None:
     for name, path in available_models().items():
         try:
             trained = trained_attention(path)
+            transformer = json.loads((path / "transformer" / "config.json").read_text())
             note = (f"fine-tuned with {trained[0]} {trained[1]}" if trained
                     else "embedded, default" if name == EMBEDDED_MODEL
                     else "block diffusion: any number of frames, chunk by chunk"
-                    if pipeline_class(path).__name__ == "BlockDiffusionPipeline" else "a variant")
-        except ValueError as error:
+                    if pipeline_class(path).__name__ == "BlockDiffusionPipeline"
+                    else f"MATE token mixer: linear cost, up to {transformer.get('max_frames')} frames"
+                    if transformer.get("_class_name") == "MateVideoDiT" else "a variant")
+        except (OSError, ValueError) as error:
             note = str(error)
         print(f"  {name} ({note})  {path}")
     print("attention methods:")

@@ -21,6 +21,8 @@ def test_list_shows_models_and_methods():
     result = subprocess.run([*t2v_command(), "list"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "t2v-tiny" in result.stdout
+    assert "t2v-tiny-block (block diffusion" in result.stdout
+    assert "t2v-tiny-mate (MATE token mixer: linear cost, up to 128 frames)" in result.stdout
     assert "attention methods:\n  dense" in result.stdout
     assert "guidance methods" in result.stdout
 
