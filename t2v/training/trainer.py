@@ -128,46 +128,42 @@ def build_models(cfg: TrainConfig) -> tuple[TextEncoder, VideoDiT]:
         overrides = dict(low_cpu_mem_usage=False, **cfg.transformer) if cfg.transformer else {}
         return (TextEncoder.from_pretrained(root / "text_encoder"),
                 VideoDiT.from_pretrained(root / "transformer", **overrides))
+    return _new_models(cfg, VideoDiT)
+
+
+def _new_models(cfg: TrainConfig, model_class: type) -> tuple[TextEncoder, VideoDiT]:
+    """A new text encoder and a new transformer of `model_class` for the training clips, `cfg.transformer` on top."""
     text_encoder = TextEncoder(vocab=vocabulary(), **cfg.text_encoder)
     transformer_cfg = dict(text_dim=text_encoder.config.hidden_size, sample_frames=cfg.frames,
                            sample_height=cfg.height, sample_width=cfg.width)
     transformer_cfg.update(cfg.transformer)
-    return text_encoder, VideoDiT(**transformer_cfg)
+    return text_encoder, model_class(**transformer_cfg)
+
+
+def _build_variant(cfg: TrainConfig, model_class: type, convert, options: dict) -> tuple[TextEncoder, VideoDiT]:
+    """A `model_class` transformer: from its own saved weights, converted by `convert(video_dit, **options)` from a
+    trained VideoDiT's, or new."""
+    if not cfg.init_from:
+        return _new_models(cfg, model_class)
+    root = Path(cfg.init_from)
+    text_encoder = TextEncoder.from_pretrained(root / "text_encoder")
+    saved = json.loads((root / "transformer" / "config.json").read_text()).get("_class_name")
+    if saved == model_class.__name__:
+        return text_encoder, model_class.from_pretrained(root / "transformer", **options)
+    return text_encoder, convert(VideoDiT.from_pretrained(root / "transformer"), **options)
 
 
 def _build_block_models(cfg: TrainConfig) -> tuple[TextEncoder, BlockVideoDiT]:
     """A BlockVideoDiT: from a block model's weights, from a trained VideoDiT's (the same parameters, made
     block-causal), or new. `cfg.transformer` may set chunk_frames and window_chunks."""
     block_options = {k: cfg.transformer[k] for k in ("chunk_frames", "window_chunks") if k in cfg.transformer}
-    if cfg.init_from:
-        root = Path(cfg.init_from)
-        text_encoder = TextEncoder.from_pretrained(root / "text_encoder")
-        saved = json.loads((root / "transformer" / "config.json").read_text()).get("_class_name")
-        if saved == BlockVideoDiT.__name__:
-            return text_encoder, BlockVideoDiT.from_pretrained(root / "transformer", **block_options)
-        return text_encoder, block_model_from(VideoDiT.from_pretrained(root / "transformer"), **block_options)
-    text_encoder = TextEncoder(vocab=vocabulary(), **cfg.text_encoder)
-    transformer_cfg = dict(text_dim=text_encoder.config.hidden_size, sample_frames=cfg.frames,
-                           sample_height=cfg.height, sample_width=cfg.width)
-    transformer_cfg.update(cfg.transformer)
-    return text_encoder, BlockVideoDiT(**transformer_cfg)
+    return _build_variant(cfg, BlockVideoDiT, block_model_from, block_options)
 
 
 def _build_mate_models(cfg: TrainConfig) -> tuple[TextEncoder, MateVideoDiT]:
     """A MateVideoDiT: from a MATE model's weights, from a trained VideoDiT's (self-attention's weights become the
     TE-branch's, the Mamba branch starts closed), or new. `cfg.transformer` may set its config (mate_window, ...)."""
-    if cfg.init_from:
-        root = Path(cfg.init_from)
-        text_encoder = TextEncoder.from_pretrained(root / "text_encoder")
-        saved = json.loads((root / "transformer" / "config.json").read_text()).get("_class_name")
-        if saved == MateVideoDiT.__name__:
-            return text_encoder, MateVideoDiT.from_pretrained(root / "transformer", **cfg.transformer)
-        return text_encoder, mate_model_from(VideoDiT.from_pretrained(root / "transformer"), **cfg.transformer)
-    text_encoder = TextEncoder(vocab=vocabulary(), **cfg.text_encoder)
-    transformer_cfg = dict(text_dim=text_encoder.config.hidden_size, sample_frames=cfg.frames,
-                           sample_height=cfg.height, sample_width=cfg.width)
-    transformer_cfg.update(cfg.transformer)
-    return text_encoder, MateVideoDiT(**transformer_cfg)
+    return _build_variant(cfg, MateVideoDiT, mate_model_from, cfg.transformer)
 
 
 POSITION_TABLES = ("frame_embedding", "row_embedding", "column_embedding", "frame_modulation_embedding",
