@@ -23,12 +23,12 @@ from t2v.models import TextEncoder, VideoDiT
 PROMPT = "a red circle moves to the right on black"
 
 
-@pytest.fixture(scope="module")
-def pipe():
+def tiny_guidance_pipeline(**dit_options) -> TextToVideoPipeline:
+    """A tiny random pipeline whose attention is far from uniform, so that edits of its maps show."""
     torch.manual_seed(0)
-    transformer = VideoDiT(num_attention_heads=2, attention_head_dim=16, num_layers=3, ffn_dim=64, text_dim=32,
-                           freq_dim=32, max_frames=8, max_height=16, max_width=16, sample_frames=4,
-                           sample_height=16, sample_width=16)
+    transformer = VideoDiT(**dict(dict(num_attention_heads=2, attention_head_dim=16, num_layers=3, ffn_dim=64,
+                                       text_dim=32, freq_dim=32, max_frames=8, max_height=16, max_width=16,
+                                       sample_frames=4, sample_height=16, sample_width=16), **dit_options))
     text_encoder = TextEncoder(vocab=vocabulary(), hidden_size=32, num_layers=1, num_heads=2)
     with torch.no_grad():  # random weights: a new VideoDiT outputs zeros
         for p in [*transformer.parameters(), *text_encoder.parameters()]:
@@ -41,6 +41,11 @@ def pipe():
                                guider=ClassifierFreeGuidance(guidance_scale=5.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_guidance_pipeline()
 
 
 def run(pipe, guidance=(), **kwargs):
@@ -176,7 +181,8 @@ def test_cfg_entry_sets_the_scale_and_restores_the_guider(pipe):
 
 
 def test_bad_settings_are_errors(pipe):
-    with pytest.raises(ValueError, match="registered guidance methods: cfg, fourier-motion, temporal-self-guidance"):
+    registered = "cfg, fourier-motion, position-interpolation, temporal-self-guidance"
+    with pytest.raises(ValueError, match=f"registered guidance methods: {registered}"):
         get_guidance("no-such-guidance")
     assert {"cfg", "fourier-motion", "temporal-self-guidance"} <= set(available_guidance())
     with pytest.raises(ValueError, match=r"layers \[0, 1\] do not come after the reference layer 1"):

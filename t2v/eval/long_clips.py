@@ -32,6 +32,8 @@ from t2v.eval.suite import generate_clips
 # from the border, the nearest frame can be 0.6 px off the turn, and a triangle's thin tip reads
 # up to 1.3 px short of where it is drawn.
 EDGE_TOLERANCE = 2.5
+# Going back by more than this (px at the reference size) in open space is a turn back, not tracking noise.
+TURN_BACK_TOLERANCE = 2.0
 SIZE_TOLERANCE = 0.5  # px of radius at the reference size, around the world's size limits
 _OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow"}
 _AXIS_SIGN = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}
@@ -146,6 +148,16 @@ class _ObjectTrack:
         return label, "fast" if abs(along) >= FAST_MIN_TRAVEL * scale else "slow"
 
 
+def _kept_direction(track: _ObjectTrack, size: float) -> bool:
+    """Whether the object went the prompted way from its first frame to its last: some net travel, and never back
+    by more than TURN_BACK_TOLERANCE in open space (turns at the world's limits are unfolded away)."""
+    if not track.compliant:
+        return False  # a prompted mover the reader did not find
+    travel = np.cumsum(np.concatenate(list(track.compliant.values())))
+    drawdown = float(np.max(np.maximum.accumulate(travel) - travel)) if len(travel) else 0.0
+    return bool(travel[-1] > TURN_BACK_TOLERANCE * size and drawdown <= TURN_BACK_TOLERANCE * size)
+
+
 def _steadiness(frames: np.ndarray, chunk_frames: int) -> tuple[float, float, float]:
     """Mean frame-to-frame change across chunk boundaries, inside chunks, and their ratio."""
     change = np.abs(np.diff(frames, axis=0)).mean((1, 2, 3))
@@ -167,7 +179,9 @@ def score_long_clip(video, spec_or_caption, window: int = 16, chunk_frames: int 
     Returns ``windows`` (per window: colour, shape, motion, speed, background,
     count, all, ``frames`` (start, stop) and ``expected_motion``), ``every_window``
     (per attribute: right in every window that states it; None if none does),
-    ``colour_and_motion`` and ``all`` (right in every window), ``chained``, the
+    ``colour_and_motion`` and ``all`` (right in every window), ``kept_direction``
+    (every prompted mover went its way from first frame to last, turning back
+    only at the world's limits; None without movers), ``chained``, the
     whole clip's ``flicker``, ``boundary_jump``, ``inner_jump``, ``boundary_ratio``
     and ``reading`` (the whole clip's ClipReading).
     """
@@ -207,7 +221,12 @@ def score_long_clip(video, spec_or_caption, window: int = 16, chunk_frames: int 
         verdicts = [w[attribute] for w in windows if w[attribute] is not None]
         every[attribute] = all(verdicts) if verdicts else None
     boundary, inner, ratio = _steadiness(frames, chunk_frames)
+    size = min(height, width) / REFERENCE_SIZE
+    movers = [(obj, track) for obj, track in zip(targets, tracks)
+              if any(m in LINEAR_MOTIONS or m in ("grow", "shrink") for m in obj.motions)]
+    kept = all(_kept_direction(track, size) for _, track in movers) if movers else None
     return {
+        "kept_direction": kept,
         "windows": windows, "every_window": every,
         "colour_and_motion": all(w["colour"] is not False and w["motion"] is not False for w in windows),
         "all": every["all"], "chained": chain > 1, "flicker": reading.flicker,
@@ -243,6 +262,7 @@ def score_long_suite(videos, specs_or_captions, window: int = 16, chunk_frames: 
     for attribute in ATTRIBUTES:
         summary[attribute] = _share(r["every_window"][attribute] for r in per_clip)
     summary["chained"] = _share(r["colour_and_motion"] for r in per_clip if r["chained"])
+    summary["kept_direction"] = _share(r["kept_direction"] for r in per_clip)
     summary["window_accuracy"] = {a: _share(w[a] for w in windows) for a in (*ATTRIBUTES, "all")}
     for key in ("flicker", "boundary_jump", "inner_jump"):
         summary[key] = float(np.mean([r[key] for r in per_clip])) if per_clip else 0.0

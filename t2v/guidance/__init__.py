@@ -4,7 +4,7 @@ Classifier-free guidance is always on: it is diffusers' ``ClassifierFreeGuidance
 and its strength is the call's ``guidance_scale`` (or the "cfg" entry's ``scale``). The methods registered here
 come on top of it: each is a ``Guidance`` subclass (see ``base``), passed to a pipeline as ``guidance=[...]`` by
 name or as an object. Built in: "cfg", "temporal-self-guidance" and "fourier-motion" (BroadWay, on DiTs; see
-``temporal_maps``).
+``temporal_maps``), and "position-interpolation" (clips longer than trained).
 
     from t2v.guidance import available_guidance, get_guidance
     pipe(prompt, guidance=[get_guidance("temporal-self-guidance", strength=0.5), "fourier-motion"])
@@ -64,9 +64,10 @@ def resolve_guidance(items) -> list[Guidance]:
 def _register_builtins() -> None:
     from t2v.guidance.cfg import ClassifierFreeGuidanceScale
     from t2v.guidance.fourier_motion import FourierMotionEnhancement
+    from t2v.guidance.position_interpolation import PositionInterpolation
     from t2v.guidance.temporal_self_guidance import TemporalSelfGuidance
 
-    for cls in (ClassifierFreeGuidanceScale, TemporalSelfGuidance, FourierMotionEnhancement):
+    for cls in (ClassifierFreeGuidanceScale, TemporalSelfGuidance, FourierMotionEnhancement, PositionInterpolation):
         register_guidance(cls.name, cls)
 
 

@@ -160,28 +160,47 @@ class TemporalMapGuidance(Guidance):
         else:
             self.acting_steps = {int(s) for s in self.steps}
 
+    def configure(self, transformer) -> None:
+        """Reads what the settings' defaults depend on from the model (before `resolve`)."""
+
     def edit(self, layer: int, target: torch.Tensor, original: torch.Tensor, maps: dict) -> torch.Tensor:
         """New frame masses for `layer` from `target` (the edits so far; `original` before any). `maps` holds the
         unedited masses of the reference layers of this call."""
         raise NotImplementedError
 
-    def begin(self, pipeline, num_inference_steps: int) -> None:
-        if self.strength == 0:
+    def attach(self, transformer, num_inference_steps: int) -> None:
+        """Installs the guided processors in `transformer` for a generation of `num_inference_steps` steps
+        (strength 0: nothing)."""
+        if self.strength == 0 or self._controller is not None:
             return
-        transformer = pipeline.transformer
+        family = find_family(transformer)
+        if family.name == "block-causal":
+            # Its layers attend over a KV cache of earlier chunks that a guided call here would not see.
+            raise ValueError(f"{self.name} does not support chunk-by-chunk (block-causal) models")
         # Settings are checked before anything is installed, so a mistake leaves the model as it was.
-        self.resolve(len(find_family(transformer).self_attention_modules(transformer)), num_inference_steps)
+        self.configure(transformer)
+        self.resolve(len(family.self_attention_modules(transformer)), num_inference_steps)
         self._controller = _Controller.attach(transformer)
         self._controller.add(self)
 
-    def before_model(self, pipeline, step: int, timestep) -> None:
+    def set_step(self, step: int) -> None:
         if self._controller is not None:
             self._controller.step = step
 
-    def end(self, pipeline) -> None:
+    def detach(self, transformer) -> None:
+        """Puts back the processors `attach` wrapped (those another guidance still uses stay wrapped)."""
         if self._controller is not None:
-            self._controller.discard(self, pipeline.transformer)
+            self._controller.discard(self, transformer)
             self._controller = None
+
+    def begin(self, pipeline, num_inference_steps: int) -> None:
+        self.attach(pipeline.transformer, num_inference_steps)
+
+    def before_model(self, pipeline, step: int, timestep) -> None:
+        self.set_step(step)
+
+    def end(self, pipeline) -> None:
+        self.detach(pipeline.transformer)
 
 
 class _Controller:

@@ -16,25 +16,42 @@ from t2v.guidance.temporal_maps import TemporalMapGuidance
 
 
 class TemporalSelfGuidance(TemporalMapGuidance):
-    """strength: alpha in [0, 1] (0: off, 1: the reference's map). reference_layer: the self-attention layer whose
-    map the others follow. layers: the layers pulled toward it, all after it (default: every later layer).
-    steps: the share of steps it acts in, from the first (or step indices). sparse_calls: see `temporal_maps`."""
+    """strength: alpha in [0, 1] (0: off, 1: the reference's map). reference: "layer" (BroadWay: the map of
+    `reference_layer`, which `layers`, all after it, follow; default every later layer) or "window" (each query's
+    own masses kept to the `span` key frames around its frame, the length the model was trained at by default:
+    for clips longer than trained, a map of the kind the model knows; default layers: all). steps: the share of
+    steps it acts in, from the first (or step indices). sparse_calls: see `temporal_maps`."""
 
     name = "temporal-self-guidance"
     order = 0
 
     def __init__(self, strength: float = 0.6, reference_layer: int = 1, layers=None, steps=0.2,
-                 sparse_calls: str = "skip"):
+                 reference: str = "layer", span: int | None = None, sparse_calls: str = "skip"):
         if strength > 1:
             raise ValueError(f"{self.name}: strength must be in [0, 1], got {strength}")
+        if reference not in ("layer", "window"):
+            raise ValueError(f"{self.name}: reference must be 'layer' or 'window', got {reference!r}")
+        if span is not None and int(span) < 1:
+            raise ValueError(f"{self.name}: span must be at least 1 frame, got {span}")
         super().__init__(strength, layers, steps, sparse_calls)
-        self.reference_layer = int(reference_layer)
+        self.reference = reference
+        self.reference_layer = int(reference_layer) if reference == "layer" else None
+        self.span = None if span is None else int(span)
+
+    def configure(self, transformer) -> None:
+        if self.span is None:  # the frames the model was trained at, in latent frames
+            config = transformer.config
+            self.span = max(1, config.get("sample_frames", 16) // config.get("patch_size", (1,))[0])
 
     def default_layers(self, num_layers: int) -> list[int]:
+        if self.reference == "window":
+            return list(range(num_layers))
         return list(range(self.reference_layer % num_layers + 1, num_layers))
 
     def resolve(self, num_layers: int, num_inference_steps: int) -> None:
         super().resolve(num_layers, num_inference_steps)
+        if self.reference != "layer":
+            return
         self.reference_layer %= num_layers
         # The reference map is read in the same forward pass, so it must already have been computed.
         early = sorted(i for i in self.acting_layers if i <= self.reference_layer)
@@ -43,7 +60,23 @@ class TemporalSelfGuidance(TemporalMapGuidance):
                              f"{self.reference_layer}; only later layers can follow it")
 
     def edit(self, layer: int, target: torch.Tensor, original: torch.Tensor, maps: dict) -> torch.Tensor:
+        if self.reference == "window":
+            return target + self.strength * (windowed(target, self.span) - target)
         reference = maps.get(self.reference_layer)
         if reference is None:  # the reference call was left to a sparse method: nothing exact to follow
             return target
         return target + self.strength * (reference.mean(1, keepdim=True) - target)
+
+
+def windowed(masses: torch.Tensor, span: int) -> torch.Tensor:
+    """Frame masses (B, H, N, frames) kept to the `span` key frames around each query's frame (a window slid
+    along the clip and stopped at its ends) and renormalised; tokens in frame-major order."""
+    frames = masses.shape[-1]
+    if span >= frames:
+        return masses
+    query_frame = torch.arange(masses.shape[2], device=masses.device) // (masses.shape[2] // frames)
+    start = (query_frame - span // 2).clamp(0, frames - span)
+    key_frame = torch.arange(frames, device=masses.device)
+    inside = (key_frame >= start[:, None]) & (key_frame < start[:, None] + span)
+    kept = masses * inside
+    return kept / kept.sum(-1, keepdim=True).clamp(min=1e-12)

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import register_to_config
 # diffusers loads a pipeline component by finding its loading base class in the component's own module.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from t2v.models.mate import MambaBranch, MateMixer, TemporalSwinProcessor, _Holder
-from t2v.models.video_dit import VideoDiT
+from t2v.models.video_dit import VideoDiT, lengthen_tables
 
 
 class MateVideoDiT(VideoDiT):
@@ -85,12 +85,7 @@ def mate_model_from(transformer: VideoDiT, **mate_options) -> MateVideoDiT:
     config.update(mate_options)
     mate = MateVideoDiT(**config).to(transformer.device)
     state = {key.replace(".attn1.", ".attn1.temporal."): value for key, value in transformer.state_dict().items()}
-    own = mate.state_dict()
-    for name, value in state.items():  # per-frame tables made longer (max_frames): the trained rows first
-        if name in own and value.shape != own[name].shape and value.shape[1:] == own[name].shape[1:]:
-            table = own[name].clone()
-            table[:value.shape[0]] = value
-            state[name] = table
+    state = lengthen_tables(state, mate.state_dict())  # per-frame tables made longer (max_frames)
     missing, unexpected = mate.load_state_dict(state, strict=False)
     if unexpected or any(".mamba." not in key for key in missing):
         raise ValueError(f"weights that do not fit a MATE model: missing {missing}, unexpected {unexpected}")

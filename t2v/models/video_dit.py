@@ -16,6 +16,8 @@ from torch import nn
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -32,7 +34,7 @@ def pool_caption(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (text * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
+class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin, CacheMixin):
     """Predicts the flow-matching velocity (noise - clean) of a video (B, C, F, H, W) at a timestep in [0, 1000]."""
 
     _supports_gradient_checkpointing = True
@@ -143,6 +145,30 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             term = self.frame_modulation_embedding[span, None, None].float() + term
         return term.expand(frames, rows, columns, -1).flatten(0, 2)
 
+    @property
+    def _cp_plan(self) -> dict | None:
+        """Where diffusers' context parallelism (`enable_parallelism`) splits this forward's tokens across ranks and
+        gathers them back: the rotary tables and the first block's tokens are split, every block's per-token
+        modulation too (one tensor for all blocks, so each block's input is split), and the final norm's output is
+        gathered, so the final per-token modulation and the unpatching see the whole video. A subclass with a
+        forward of its own (block-causal, MATE) gets no plan: this one describes VideoDiT's forward only."""
+        if type(self).forward is not VideoDiT.forward:
+            return None
+        c = self.config
+        plan = {
+            "rope": {
+                0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+                1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+            },
+            "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+            "norm_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+        if c.frame_modulation or c.position_modulation:
+            # Only then is the modulation per token (B, tokens, 6, D). Named only then: diffusers warns about a
+            # tensor of other dimensions, and fails where its logger has no `warning_once`.
+            plan["blocks.*"] = {"temb": ContextParallelInput(split_dim=1, expected_dims=4)}
+        return plan
+
     def supported_shapes(self) -> str:
         c = self.config
         pt, ph, pw = c.patch_size
@@ -164,6 +190,13 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             raise ValueError(
                 f"this model cannot take {num_frames} frames of {height}x{width}; it takes {self.supported_shapes()}"
             )
+        parallel = getattr(self._parallel_config, "context_parallel_config", None)
+        if parallel is not None and not (parallel.ulysses_anything or parallel.ring_anything):
+            ranks = parallel.ring_degree * parallel.ulysses_degree
+            tokens = (num_frames // pt) * (height // ph) * (width // pw)
+            if tokens % ranks:
+                raise ValueError(f"{num_frames} frames of {height}x{width} make {tokens} tokens, which do not split "
+                                 f"evenly across the {ranks} ranks of context parallelism")
 
     def forward(
         self,
@@ -229,3 +262,27 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         if not return_dict:
             return (video,)
         return Transformer2DModelOutput(sample=video)
+
+
+def lengthen_tables(state: dict, own: dict) -> dict:
+    """`state` with each per-frame table made as long as `own`'s (a model with a larger max_frames): the rows
+    `state` has first, then `own`'s rows, which are untrained like the rows a model never saw frames for."""
+    state = dict(state)
+    for name, value in state.items():
+        if name in own and value.shape != own[name].shape and value.shape[1:] == own[name].shape[1:]:
+            table = own[name].clone()
+            table[:value.shape[0]] = value
+            state[name] = table
+    return state
+
+
+def with_max_frames(transformer: VideoDiT, max_frames: int) -> VideoDiT:
+    """A copy of `transformer` that takes up to `max_frames` frames: frames past the trained ones get untrained
+    per-frame rows, exactly as frames between the trained length and the old max_frames already had."""
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    if max_frames <= config["max_frames"]:
+        return transformer
+    longer = type(transformer)(**dict(config, max_frames=max_frames)).to(transformer.device)
+    longer.load_state_dict(lengthen_tables(transformer.state_dict(), longer.state_dict()))
+    return longer.to(transformer.dtype)
+
