@@ -4,6 +4,10 @@
     pipe = load_pipeline()                         # the embedded model, on CUDA if there is one
     video = pipe("a red circle moves to the right on black").frames[0]
     export_video(video, "red_circle.mp4")
+
+    pipe = load_pipeline("Wan2.1-T2V-1.3B-Diffusers", attention="vmoba")   # a local diffusers folder of a real model
+    pipe = load_pipeline(cache="first-block")      # a step cache (pipelines.caches)
+    pipe = load_pipeline(parallel="ulysses")       # under torchrun: one video split over every process
 """
 
 from __future__ import annotations
@@ -18,12 +22,17 @@ import numpy as np
 import torch
 
 from pipelines.block_diffusion import BlockDiffusionPipeline
+from pipelines.caches import NOT_UNDER_CONTEXT_PARALLELISM, available_caches, install_cache
+from pipelines.parallel import KINDS as PARALLEL_KINDS, enable_context_parallel
 from pipelines.text_to_video import TextToVideoPipeline
 from t2v import TRAINED_ATTENTION_FILE  # a folder names the attention its weights were fine-tuned with; re-exported
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
-# The pipeline classes a folder's model_index.json may name.
+# This project's pipeline classes a folder's model_index.json may name.
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (TextToVideoPipeline, BlockDiffusionPipeline)}
+# diffusers' own pipelines of real models, whose transformers the attention adapters support (Wan 2.1 and 2.2 share
+# WanPipeline). They load with their own class and keep their own call; this project's guidance does not apply.
+DIFFUSERS_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline", "CogVideoXPipeline")
 
 
 def available_models() -> dict[str, Path]:
@@ -56,26 +65,45 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     if str(name_or_path) in known:
         return known[str(name_or_path)]
     path = Path(name_or_path)
-    expected = (f"expected a pipeline folder saved by {' or '.join(PIPELINE_CLASSES)} (with model_index.json) "
-                f"or one of: {', '.join(known)}")
+    expected = (f"expected a pipeline folder saved by {' or '.join(PIPELINE_CLASSES)}, or a diffusers folder of "
+                f"{', '.join(DIFFUSERS_PIPELINES)} (with model_index.json), or one of: {', '.join(known)}")
     if not path.exists():
         raise FileNotFoundError(f"unknown model {str(name_or_path)!r}: no such folder; {expected}")
-    index = path / "model_index.json"
-    if not index.is_file():
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
         raise ValueError(f"unknown model {str(path)!r}: it has no model_index.json; {expected}")
     try:
-        class_name = json.loads(index.read_text()).get("_class_name")
+        index = json.loads(index_file.read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {index}: {error}") from error
-    if class_name not in PIPELINE_CLASSES:
-        # A diffusers Wan folder, say: those load with diffusers' own pipeline class (see the README).
+        raise ValueError(f"cannot read {index_file}: {error}") from error
+    class_name = index.get("_class_name")
+    if class_name in DIFFUSERS_PIPELINES:
+        # Checked here so that a half-copied download fails with its path rather than deep inside diffusers.
+        components = [name for name, spec in index.items()
+                      if isinstance(spec, list) and len(spec) == 2 and spec[0] is not None]
+        missing = [name for name in components if not (path / name).is_dir()]
+        if "transformer" not in components or missing:
+            lacking = ", ".join(missing) if "transformer" in components else "a transformer"
+            raise ValueError(f"incomplete model {str(path)!r}: it holds a {class_name} without {lacking}; {expected}")
+    elif class_name not in PIPELINE_CLASSES:
         raise ValueError(f"unknown model {str(path)!r}: it holds a {class_name}; {expected}")
     return path
 
 
 def pipeline_class(path: str | os.PathLike) -> type:
-    """The pipeline class a resolved folder's model_index.json names."""
-    return PIPELINE_CLASSES[json.loads((Path(path) / "model_index.json").read_text())["_class_name"]]
+    """The pipeline class a resolved folder's model_index.json names (diffusers' own for its real models)."""
+    class_name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
+    if class_name in DIFFUSERS_PIPELINES:
+        import diffusers
+
+        return getattr(diffusers, class_name)
+    return PIPELINE_CLASSES[class_name]
+
+
+def pipeline_transformers(pipe) -> list:
+    """The transformers of a pipeline that attention methods install in: Wan 2.2's two experts, else the one."""
+    return [model for model in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None))
+            if model is not None]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -90,22 +118,58 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def launched_distributed() -> bool:
+    """Whether this process was started by torchrun or accelerate launch (which describe the group in the
+    environment), or already belongs to an initialised process group."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return initialised or all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def init_distributed(device: str | torch.device | None = None) -> torch.device:
+    """Joins the process group the launcher describes, unless one is initialised already, and returns this
+    process's device: `device`, its LOCAL_RANK-th GPU for None or "cuda", or the CPU without CUDA."""
+    if not launched_distributed():
+        raise RuntimeError("context parallelism splits one video across several processes: launch them with "
+                           "`torchrun --nproc-per-node N ...` (or `accelerate launch --num_processes N ...`)")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None or str(device) == "cuda":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
+    if not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike | None = None,
     attention: str | None = None,
     guidance: list | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    cache: str | None = None,
+    cache_options: dict | None = None,
+    parallel: str | None = None,
     **attention_options,
-) -> TextToVideoPipeline | BlockDiffusionPipeline:
-    """Loads a TextToVideoPipeline or BlockDiffusionPipeline (None: the embedded model) onto `device` (default CUDA
-    if available, else CPU) in `dtype` (default bfloat16 on CUDA, float32 elsewhere).
+):
+    """Loads a TextToVideoPipeline or BlockDiffusionPipeline (None: the embedded model), or a local diffusers folder
+    of a real model (WanPipeline, HunyuanVideoPipeline, CogVideoXPipeline: diffusers' pipeline itself is returned,
+    with its own call), onto `device` (default CUDA if available, else CPU) in `dtype` (default bfloat16 on CUDA,
+    float32 elsewhere).
 
     attention: a registered attention method installed in every self-attention layer, with `attention_options`.
         None installs the method a fine-tuned folder names in attention_config.json (the one its weights were
         trained with), else leaves the model's own; "dense" is plain attention in every case. `save_pretrained`
         does not write that file: copy it along with a fine-tuned folder.
-    guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`.
+    guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`. Only
+        this project's pipelines take them: a diffusers pipeline runs its own classifier-free guidance.
+    cache: a step cache of `pipelines.caches` (diffusers' FirstBlockCache, MagCache, ...) installed on every
+        transformer with its defaults and `cache_options`; ValueError for a model that cannot take it.
+    parallel: "ulysses" or "ring": context parallelism (`pipelines.parallel.enable_context_parallel`), every video
+        split across the processes of the launch. Needs a launch by torchrun or accelerate launch: the process group
+        is initialised from the environment when none is (NCCL on CUDA, this process's GPU the LOCAL_RANK-th,
+        gloo on the CPU), and `device` defaults to that GPU. RuntimeError when not launched so.
     """
     import attention as attention_registry
     from t2v.guidance import resolve_guidance
@@ -116,7 +180,22 @@ def load_pipeline(
     elif attention_options:
         raise ValueError(f"attention options {sorted(attention_options)} given without an attention method")
     default_guidance = resolve_guidance(guidance)
+    if cache is not None and cache not in available_caches():
+        raise ValueError(f"unknown cache {cache!r}; known caches: {', '.join(available_caches())}")
+    if cache is None and cache_options:
+        raise ValueError(f"cache options {sorted(cache_options)} given without a cache")
+    if parallel is not None:
+        if parallel not in PARALLEL_KINDS:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {parallel!r}")
+        if cache == "first-block":
+            raise ValueError(NOT_UNDER_CONTEXT_PARALLELISM)
+        device = init_distributed(device)
     path = resolve_model_path(name_or_path)
+    cls = pipeline_class(path)
+    if guidance and cls.__name__ in DIFFUSERS_PIPELINES:
+        raise ValueError(f"guidance methods apply only to this project's pipelines ({', '.join(PIPELINE_CLASSES)}); "
+                         f"{path} holds diffusers' {cls.__name__}, which runs its own classifier-free guidance "
+                         "(set guidance_scale)")
     trained = trained_attention(path) if attention is None else None
     if trained is not None:
         attention, attention_options = trained
@@ -130,15 +209,25 @@ def load_pipeline(
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # no notes about experimental guiders on every load
     try:
-        pipe = pipeline_class(path).from_pretrained(path, dtype=dtype)
+        pipe = cls.from_pretrained(path, dtype=dtype)
     except OSError as error:
         raise OSError(f"could not load the model in {path}: {error}") from error
+    except ImportError as error:  # diffusers' real-model pipelines need transformers for their text encoders
+        raise ImportError(f"could not load the model in {path}: {' '.join(str(error).split())}") from error
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe.to(device)
     if attention is not None:
-        attention_registry.apply(pipe.transformer, attention, **attention_options)
-    pipe.default_guidance = default_guidance
+        for transformer in pipeline_transformers(pipe):
+            attention_registry.apply(transformer, attention, **attention_options)
+    for transformer in pipeline_transformers(pipe):
+        # The cache before the split: its block hooks then see this process's share of the tokens, as the blocks do.
+        if cache is not None:
+            install_cache(transformer, cache, **(cache_options or {}))
+        if parallel is not None:
+            enable_context_parallel(transformer, parallel)
+    if cls.__name__ not in DIFFUSERS_PIPELINES:
+        pipe.default_guidance = default_guidance
     return pipe
 
 

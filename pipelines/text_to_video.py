@@ -21,7 +21,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from t2v.guidance import resolve_guidance
+from pipelines.caches import (branch_context, check_branches, installed_cache, needs_one_call_per_step,
+                              start_generation)
+from t2v.guidance import Guidance, resolve_guidance
 from t2v.models import TextEncoder, VideoDiT
 
 
@@ -79,6 +81,44 @@ class TextToVideoPipeline(DiffusionPipeline):
         embeds = embeds.to(self.transformer.dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         return embeds, mask.repeat_interleave(num_videos_per_prompt, dim=0)
 
+    def _branch_context(self, state, guider, step: int):
+        """The step cache's context of one branch's call: its state is kept per branch ("pred_cond", ...)."""
+        return branch_context(self.transformer, getattr(state, guider._identifier_key), step,
+                              float(self.scheduler.sigmas[step]), len(self.scheduler.timesteps))
+
+    def _predict_each_branch(self, guider, states, input_names, model_input, timestep, i, t, extra_guidance):
+        """One transformer call per guidance branch; sets each state's noise_pred."""
+        for state in states:
+            guider.prepare_models(self.transformer)
+            cond_kwargs = {name: getattr(state, name) for name in input_names}
+            for g in extra_guidance:
+                g.before_model(self, i, t)
+            with self._branch_context(state, guider, i):
+                state.noise_pred = self.transformer(
+                    hidden_states=model_input, timestep=timestep, return_dict=False, **cond_kwargs
+                )[0].float()
+            for g in extra_guidance:
+                g.after_model(self, i, t)
+            guider.cleanup_models(self.transformer)
+
+    def _predict_in_one_call(self, guider, states, input_names, model_input, timestep, i, t, extra_guidance):
+        """Every guidance branch stacked in one batch, the unconditional first (the order FasterCache reads)."""
+        hooked = [type(g).__name__ for g in extra_guidance if type(g).before_model is not Guidance.before_model
+                  or type(g).after_model is not Guidance.after_model]
+        if hooked:
+            raise ValueError(f"cache {installed_cache(self.transformer)!r} runs the guidance branches in one call, "
+                             f"which guidance acting on each call cannot follow: {', '.join(hooked)}")
+        check_branches(self.transformer, len(states))
+        states = sorted(states, key=lambda state: getattr(state, guider._identifier_key) != "pred_uncond")
+        inputs = {name: torch.cat([getattr(state, name) for state in states]) for name in input_names}
+        for _ in states:
+            guider.prepare_models(self.transformer)
+        noise_pred = self.transformer(hidden_states=model_input.repeat(len(states), 1, 1, 1, 1),
+                                      timestep=timestep.repeat(len(states)), return_dict=False, **inputs)[0]
+        for state, prediction in zip(states, noise_pred.float().chunk(len(states))):
+            state.noise_pred = prediction
+            guider.cleanup_models(self.transformer)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -124,6 +164,7 @@ class TextToVideoPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        start_generation(self.transformer, num_inference_steps)
 
         # Guidance that hooks into the model is undone even when a step fails or the call is interrupted.
         with ExitStack() as active_guidance, self.progress_bar(total=len(timesteps)) as progress_bar:
@@ -141,17 +182,10 @@ class TextToVideoPipeline(DiffusionPipeline):
                 model_input = latents.to(self.transformer.dtype)
                 timestep = t.expand(batch).to(device)
                 guider_state = guider.prepare_inputs(guider_inputs)
-                for state in guider_state:
-                    guider.prepare_models(self.transformer)
-                    cond_kwargs = {name: getattr(state, name) for name in guider_inputs}
-                    for g in extra_guidance:
-                        g.before_model(self, i, t)
-                    state.noise_pred = self.transformer(
-                        hidden_states=model_input, timestep=timestep, return_dict=False, **cond_kwargs
-                    )[0].float()
-                    for g in extra_guidance:
-                        g.after_model(self, i, t)
-                    guider.cleanup_models(self.transformer)
+                # Caches that keep one state per module get every branch in one call (pipelines.caches).
+                predict = (self._predict_in_one_call if needs_one_call_per_step(self.transformer)
+                           else self._predict_each_branch)
+                predict(guider, guider_state, list(guider_inputs), model_input, timestep, i, t, extra_guidance)
                 noise_pred = guider(guider_state)[0]
                 for g in extra_guidance:
                     noise_pred = g.adjust_prediction(self, i, t, noise_pred, latents)

@@ -22,6 +22,21 @@ alone with that selection, the whole call, FlexAttention with the same block mas
 ``flashblock`` times block diffusion's attention per denoising step (see bench_flashblock.py): no cache against
 FlashBlock's cache of the block-external attention, at a Wan-like width.
 
+    python scripts/benchmark.py e2e [--models wan1.3b wan14b hunyuan] [--methods ...] [--caches ...] [--steps 50]
+                                    [--explain-compile SPEC] [--tiny] [--json PATH]
+
+``e2e`` times whole Wan2.1-1.3B, Wan2.1-14B and HunyuanVideo transformers at their real sizes (random weights, see
+bench_e2e.py): dense and each method, alone and with each step cache, eager and under regional compilation, per
+forward and over N denoising steps, with peak memory; ``--explain-compile`` reports a method's graph breaks,
+recompilations and compile time by phase.
+
+    torchrun --nproc-per-node N scripts/benchmark.py parallel [--methods ...] [--kind ulysses|ring] [--compile]
+                                                          [--baseline JSON] [--check] [--tiny] [--json PATH]
+
+``parallel`` times one forward of a Wan2.1-14B-sized transformer split across N GPUs by diffusers' context
+parallelism (see bench_parallel.py): dense and each method, ms per forward, speed-up over the one-GPU run's JSON,
+peak memory per GPU; ``--check`` compares the split output with one process's.
+
 A method spec is ``name`` or ``name:key=value,key=value`` (values read as Python literals; true / false / none
 in any case); ``all`` means every registered method, with the options in DEFAULT_OPTIONS where it has some.
 """
@@ -335,6 +350,19 @@ class NoSelfAttention:
         return hidden_states.new_zeros(hidden_states.shape)
 
 
+def cast_like_pretrained(model, dtype):
+    """Inference mode in `dtype`, cast as from_pretrained(torch_dtype=...) casts: the model's _keep_in_fp32_modules
+    (rope, norms, ...) stay float32."""
+    import torch
+    model.eval().requires_grad_(False)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for tensor_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            fp32 = any(part in keep for part in tensor_name.split("."))
+            tensor.data = tensor.data.to(torch.float32 if fp32 else dtype)
+    return model
+
+
 def run_model(args):
     import torch
     from diffusers import WanTransformer3DModel
@@ -348,13 +376,7 @@ def run_model(args):
     torch.manual_seed(0)
     with torch.device(device):  # initialise the weights where they will live
         model = WanTransformer3DModel(**config)
-    model.eval().requires_grad_(False)
-    # As from_pretrained(torch_dtype=...) casts: the model's _keep_in_fp32_modules (rope, norms, ...) stay float32.
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for tensor_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point():
-            fp32 = any(part in keep for part in tensor_name.split("."))
-            tensor.data = tensor.data.to(torch.float32 if fp32 else dtype)
+    cast_like_pretrained(model, dtype)
     latents = torch.randn(latent_shape, device=device, dtype=dtype)
     text = torch.randn(1, text_tokens, config["text_dim"], device=device, dtype=dtype)
     timestep = torch.tensor([500.0], device=device)
@@ -618,11 +640,14 @@ def add_methods_parser(sub):
     p.set_defaults(func=run_methods)
 
 
-from bench_flashblock import add_flashblock_parser  # noqa: E402  (beside this file)
+from bench_e2e import add_e2e_parser  # noqa: E402  (beside this file)
+from bench_flashblock import add_flashblock_parser  # noqa: E402
 from bench_mate import add_mate_parser  # noqa: E402
+from bench_parallel import add_parallel_parser  # noqa: E402
 
 # Each entry adds one subcommand to the parser.
-SUBCOMMANDS = [add_attention_parser, add_model_parser, add_methods_parser, add_flashblock_parser, add_mate_parser]
+SUBCOMMANDS = [add_attention_parser, add_model_parser, add_methods_parser, add_flashblock_parser, add_mate_parser,
+               add_e2e_parser, add_parallel_parser]
 
 
 def build_parser():

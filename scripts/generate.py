@@ -3,6 +3,7 @@
     python scripts/generate.py prompts.txt -o outputs/batch --steps 25
     accelerate launch --num_processes 4 scripts/generate.py prompts.jsonl -o outputs/batch     # 4 GPUs
     accelerate launch --multi_gpu --num_processes 2 scripts/generate.py prompts.txt           # 2 CPU processes
+    torchrun --nproc-per-node 4 scripts/generate.py prompts.txt --parallel ulysses            # each video on 4 GPUs
 
 A .txt file holds one prompt a line (blank lines and lines starting with # are skipped). A .jsonl file holds one
 object a line: {"prompt": ..., and optionally "seed", "steps", "frames", "height", "width", "guidance_scale",
@@ -11,12 +12,14 @@ prompt, seed, options, file, seconds, status ("ok" or "error") and error.
 
 Running again skips the items whose record is ok and whose file exists. A failed item is recorded and the rest go
 on. Under `accelerate launch` the items are split across processes; each appends to its own manifest part, and the
-main process merges the parts at the end.
+main process merges the parts at the end. With --parallel ulysses or ring, every process works on every item instead,
+each video split across all of them (context parallelism), and the main process alone writes videos and manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -100,36 +103,45 @@ def is_done(item: dict, records: dict, out_dir: Path) -> bool:
             and record.get("options") == item["options"])
 
 
-def generate_item(pipe, item: dict, args, out_dir: Path) -> None:
-    """Generates one item into the folder; raises on failure."""
+def generate_item(pipe, item: dict, args, out_dir: Path, write: bool = True) -> None:
+    """Generates one item into the folder (`write` False: generates only, as the other processes of a video split
+    across processes do); raises on failure."""
     import torch
 
     import attention
     from pipelines import export_video
+    from pipelines.caches import start_generation
+    from pipelines.loading import pipeline_transformers
 
     if item["error"]:
         raise ValueError(item["error"])
     opts = item["options"]
     method = opts.get("attention", args.attention)
-    if method is None:
-        attention.remove(pipe.transformer)
-    elif attention.current_method(pipe.transformer) != method:
-        attention.apply(pipe.transformer, method)
-    frames = pipe(
-        item["prompt"], negative_prompt=opts.get("negative_prompt", args.negative_prompt),
-        num_frames=opts.get("frames", args.frames), height=opts.get("height", args.height),
-        width=opts.get("width", args.width), num_inference_steps=opts.get("steps", args.steps),
-        guidance_scale=opts.get("guidance_scale", args.guidance_scale),
-        generator=torch.Generator(device="cpu").manual_seed(item["seed"]),
-    ).frames[0]
-    export_video(frames, out_dir / item["file"], fps=args.fps)
+    for transformer in pipeline_transformers(pipe):  # Wan 2.2 has two
+        if method is None:
+            attention.remove(transformer)
+        elif attention.current_method(transformer) != method:
+            attention.apply(transformer, method)
+        start_generation(transformer, opts.get("steps", args.steps))  # a MagCache follows the item's steps
+    call = dict(negative_prompt=opts.get("negative_prompt", args.negative_prompt),
+                num_frames=opts.get("frames", args.frames), height=opts.get("height", args.height),
+                width=opts.get("width", args.width), num_inference_steps=opts.get("steps", args.steps),
+                guidance_scale=opts.get("guidance_scale", args.guidance_scale),
+                generator=torch.Generator(device="cpu").manual_seed(item["seed"]))
+    # Options not given keep the pipeline's own defaults: diffusers' pipelines (a --model folder of Wan,
+    # HunyuanVideo or CogVideoX) take the same names but no None for them.
+    frames = pipe(item["prompt"], **{key: value for key, value in call.items() if value is not None}).frames[0]
+    if write:
+        export_video(frames, out_dir / item["file"], fps=args.fps)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", type=Path, help="a .txt or .jsonl file")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("outputs/batch"))
-    parser.add_argument("--model", default=None, help="pipeline folder or model name (default: the embedded model)")
+    parser.add_argument("--model", default=None,
+                        help="model name, pipeline folder, or diffusers folder of Wan, HunyuanVideo or CogVideoX "
+                             "(default: the embedded model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first item; item i gets seed + i")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--frames", type=int, default=None)
@@ -138,6 +150,12 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--attention", default=None, help="attention method for items that name none")
+    parser.add_argument("--cache", default=None, help="step cache (see `t2v list`)")
+    parser.add_argument("--cache-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option of the step cache, repeatable")
+    parser.add_argument("--parallel", default=None, choices=["ulysses", "ring"],
+                        help="each video split across all processes (context parallelism; launch with torchrun or "
+                             "accelerate launch); by default each process makes its own share of the videos")
     parser.add_argument("--format", choices=["mp4", "gif"], default="mp4")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--device", default=None, help="default: this process's accelerate device")
@@ -155,7 +173,9 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pipelines import load_pipeline
+    from pipelines.caches import available_caches
     from pipelines.loading import check_writable_dir
+    from t2v.cli import UsageError, parse_option
 
     import torch
 
@@ -166,7 +186,13 @@ def run(args) -> int:
         check_writable_dir(out_dir)  # before any generation
         if args.attention is not None:
             attention.get_method(args.attention)
-    except (PermissionError, ValueError) as error:
+        if args.cache is not None and args.cache not in available_caches():
+            raise ValueError(f"unknown cache {args.cache!r}; known caches: {', '.join(available_caches())}")
+        cache_options = dict(parse_option(text, "--cache-option") for text in args.cache_option)
+        if args.parallel and state.num_processes < 2:
+            raise ValueError(f"--parallel {args.parallel} splits each video across several processes: launch them "
+                             "with `torchrun --nproc-per-node N` or `accelerate launch --num_processes N`")
+    except (PermissionError, ValueError, UsageError) as error:
         raise BatchError(error) from error
     items = read_items(args.prompts, args.seed, "." + args.format)
     parts = sorted(out_dir.glob(f"{MANIFEST}.part-*"))  # left by an interrupted run
@@ -176,27 +202,31 @@ def run(args) -> int:
         print(f"{len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to generate", flush=True)
     state.wait_for_everyone()  # everyone has read the manifest before anyone appends to a part
 
-    with state.split_between_processes(todo) as mine:
+    # One video per process, or (context parallelism) every process on every video and the main one writing.
+    writes = state.is_main_process or not args.parallel
+    with contextlib.nullcontext(todo) if args.parallel else state.split_between_processes(todo) as mine:
         pipe = None
         if any(item["error"] is None for item in mine):
             try:
-                pipe = load_pipeline(args.model, device=args.device or state.device)
-            except (OSError, ValueError) as error:
+                pipe = load_pipeline(args.model, device=args.device or state.device, cache=args.cache,
+                                     cache_options=cache_options, parallel=args.parallel)
+            except (OSError, ValueError, ImportError) as error:
                 raise BatchError(" ".join(str(error).split())) from error
             pipe.set_progress_bar_config(disable=True)
         part = out_dir / f"{MANIFEST}.part-{state.process_index}"
         for item in tqdm(mine, desc=f"process {state.process_index}", position=state.process_index,
-                         disable=not mine):
+                         disable=not (mine and writes)):
             start, error = time.perf_counter(), None
             try:
-                generate_item(pipe, item, args, out_dir)
+                generate_item(pipe, item, args, out_dir, write=writes)
             except Exception as exc:  # a failed item is recorded and the batch goes on
                 error = " ".join(str(exc).split()) or type(exc).__name__
             record = {"prompt": item["prompt"], "seed": item["seed"], "options": item["options"],
                       "file": item["file"], "seconds": round(time.perf_counter() - start, 3),
                       "status": "error" if error else "ok", "error": error}
-            with part.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if writes:
+                with part.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
 
     state.wait_for_everyone()
     if state.is_main_process:

@@ -1,6 +1,8 @@
 """The ``t2v`` command.
 
     t2v generate "a red circle moves to the right" -o red_circle.mp4 --seed 0 --steps 25
+    t2v generate "a red circle moves to the right" --cache first-block          # a step cache
+    torchrun --nproc-per-node 2 -m t2v.cli generate "a red circle moves up" --parallel ulysses   # one video, 2 GPUs
     t2v list
 
 The pipelines package sits above this one, so it is imported inside the commands, never at import time.
@@ -40,13 +42,18 @@ def parse_option(text: str, flag: str = "--attention-option") -> tuple[str, obje
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.caches import available_caches
+    from pipelines.parallel import KINDS as PARALLEL_KINDS
+
     parser = argparse.ArgumentParser(prog="t2v", description="Text-to-video generation with the t2v toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate one video from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="video.mp4", help="an .mp4 or .gif file (default: video.mp4)")
-    gen.add_argument("--model", default=None, help="a pipeline folder or model name (default: the embedded model)")
+    gen.add_argument("--model", default=None,
+                     help="a model name, a pipeline folder, or a diffusers folder of Wan, HunyuanVideo or CogVideoX "
+                          "(default: the embedded model)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=25, help="denoising steps")
     gen.add_argument("--frames", type=int, default=None, help="default: what the model was trained at")
@@ -62,15 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                      help="option of a guidance method, repeatable (e.g. fourier-motion.strength=1.0); "
                           "NAME may be left out when one --guidance is given")
-    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    gen.add_argument("--cache", default=None, metavar="NAME",
+                     help=f"step cache: {', '.join(available_caches())} (see `t2v list`)")
+    gen.add_argument("--cache-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="option of the step cache, repeatable (e.g. threshold=0.1)")
+    gen.add_argument("--parallel", default=None, choices=PARALLEL_KINDS,
+                     help="split the video across the processes of a torchrun launch (context parallelism); "
+                          "the first process writes the file")
+    gen.add_argument("--device", default=None,
+                     help="cuda, cpu, ... (default: cuda if available; with --parallel, this process's GPU)")
     gen.add_argument("--fps", type=int, default=8)
 
-    commands.add_parser("list", help="list models, attention methods and guidance methods")
+    commands.add_parser("list", help="list models, attention methods, guidance methods and step caches")
     return parser
 
 
 def cmd_list(args) -> None:
     import attention
+    from pipelines.caches import CACHES
     from pipelines.loading import available_models, pipeline_class, trained_attention
     from t2v import EMBEDDED_MODEL
     from t2v.guidance import available_guidance
@@ -95,6 +111,9 @@ def cmd_list(args) -> None:
     print("guidance methods (classifier-free guidance is always on; set its scale with --guidance-scale):")
     for name in available_guidance() or ["(none registered)"]:
         print(f"  {name}")
+    print("step caches (--cache NAME --cache-option KEY=VALUE):")
+    for name, cache in CACHES.items():
+        print(f"  {name}: {cache.summary}")
 
 
 def cmd_generate(args) -> None:
@@ -102,6 +121,8 @@ def cmd_generate(args) -> None:
 
     import attention
     from pipelines import check_output_path, export_video, load_pipeline
+    from pipelines.caches import available_caches
+    from pipelines.loading import launched_distributed
     from t2v.guidance import get_guidance
 
     # Everything that needs no model is checked first, the output folder included.
@@ -126,17 +147,36 @@ def cmd_generate(args) -> None:
             raise UsageError(f"--guidance-option {text!r} is for {name!r}, which no --guidance names")
         guidance_options[name][key] = value
     guidance = [get_guidance(name, **guidance_options[name]) for name in args.guidance]
+    cache_options = dict(parse_option(text, "--cache-option") for text in args.cache_option)
+    if args.cache is not None and args.cache not in available_caches():
+        raise UsageError(f"unknown cache {args.cache!r}; known caches: {', '.join(available_caches())}")
+    if args.cache is None and cache_options:
+        raise UsageError("--cache-option given without --cache")
+    if args.cache == "mag":  # its ratios are laid out over the steps of the generation
+        cache_options.setdefault("num_inference_steps", args.steps)
+    if args.parallel and not launched_distributed():
+        raise UsageError(f"--parallel {args.parallel} splits one video across several processes: launch them with "
+                         "`torchrun --nproc-per-node N -m t2v.cli generate ...`")
     output = check_output_path(args.output)
 
     start = time.perf_counter()
-    pipe = load_pipeline(args.model, attention=args.attention, guidance=guidance, device=args.device, **options)
+    pipe = load_pipeline(args.model, attention=args.attention, guidance=guidance, device=args.device,
+                         cache=args.cache, cache_options=cache_options, parallel=args.parallel, **options)
+    # Under --parallel every process makes the same video; the first one shows progress and writes it.
+    first = not args.parallel or torch.distributed.get_rank() == 0
+    if not first:
+        pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    frames = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
-        width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator,
-    ).frames[0]
-    export_video(frames, output, fps=args.fps)
-    print(f"{output}  ({time.perf_counter() - start:.1f} s)")
+    call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
+                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator)
+    # Options not given keep the pipeline's own defaults: diffusers' pipelines (a --model folder of Wan,
+    # HunyuanVideo or CogVideoX) take the same names but no None for them.
+    frames = pipe(args.prompt, **{key: value for key, value in call.items() if value is not None}).frames[0]
+    if first:
+        export_video(frames, output, fps=args.fps)
+        print(f"{output}  ({time.perf_counter() - start:.1f} s)")
+    if args.parallel:
+        torch.distributed.destroy_process_group()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -153,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         diffusers_logging.set_verbosity_error()
         diffusers_logging.disable_progress_bar()  # the loading bars; the denoising bar stays
         {"generate": cmd_generate, "list": cmd_list}[args.command](args)
-    except (UsageError, ValueError, TypeError, OSError) as error:
+    except (UsageError, ValueError, TypeError, OSError, ImportError) as error:
         print(f"t2v: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

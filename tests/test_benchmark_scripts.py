@@ -203,3 +203,146 @@ def test_flashblock_and_mate_subcommands_on_toy_sizes(tmp_path, capsys):
     assert [r["tokens"] for r in data["rows"]] == [128, 512]
     assert all(r[key] > 0 for r in data["rows"] for key in ("dense_fwd_ms", "mate_fwd_ms", "mate_fwd_bwd_ms"))
     assert data["model"]["mate_ms"] > 0 and "whole model forward" in capsys.readouterr().out
+
+
+# ---- e2e: whole Wan / HunyuanVideo transformers, methods x step caches (tiny configs, CPU, eager backend) -------
+
+E2E_FAST = ["--tiny", "--steps", "3", "--runs", "1", "--warmup", "0"]
+
+
+def e2e_rows(path):
+    data = json.loads(path.read_text())
+    return data, {(r["model"], r["variant"], r["cache"]): r for r in data["rows"]}
+
+
+def test_e2e_subcommand_times_methods_and_a_cache_on_tiny_models(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    sparse = "vmoba:sparsity=0.85"
+    benchmark.main(["e2e", *E2E_FAST, "--models", "hunyuan", "wan1.3b", "--methods", sparse,
+                    "--caches", "taylorseer", "--json", str(out)])
+    data, rows = e2e_rows(out)
+    assert data["backend"] == "eager" and data["steps"] == 3 and data["loop_models"] == ["wan1.3b"]
+    # The loop model runs first, whatever the order given: the other models' cache rows scale by its ratios.
+    assert list(rows) == [(model, variant, cache) for model in ("wan1.3b", "hunyuan")
+                          for variant in ("dense (model)", sparse) for cache in (None, "taylorseer")]
+    for row in data["rows"]:
+        for key in ("tokens", "eager_ms", "compiled_ms", "compile_s", "steps_s", "steps_how", "speedup", "peak_gib",
+                    "oom", "note"):
+            assert key in row, key
+        assert not row["failed"] and row["steps_s"] > 0 and row["peak_gib"] is None  # no GPU memory on the CPU
+    assert rows["wan1.3b", "dense (model)", None]["tokens"] == 96
+    for model in ("wan1.3b", "hunyuan"):
+        dense, plain = rows[model, "dense (model)", None], rows[model, sparse, None]
+        assert dense["speedup"] == 1.0
+        for row in (dense, plain):  # one forward eager and compiled; N steps are N compiled forwards
+            assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["compile_s"] is not None
+            assert row["steps_how"] == "est" and row["steps_s"] == pytest.approx(3 * row["compiled_ms"] / 1e3)
+        assert plain["speedup"] == pytest.approx(dense["steps_s"] / plain["steps_s"])
+    # The cache row of the loop model ran the real compiled loop; elsewhere it is scaled by that loop's ratio.
+    looped, plain = rows["wan1.3b", sparse, "taylorseer"], rows["wan1.3b", sparse, None]
+    assert looped["steps_how"] == "loop" and looped["loop_mode"] == "compiled"
+    assert looped["steps_s"] == pytest.approx(looped["loop_s"]) and looped["eager_ms"] is None
+    scaled = rows["hunyuan", sparse, "taylorseer"]
+    assert scaled["steps_how"] == "est~"
+    assert scaled["steps_s"] == pytest.approx(rows["hunyuan", sparse, None]["steps_s"] * looped["loop_s"]
+                                              / plain["steps_s"])
+    printed = capsys.readouterr().out
+    assert "3-step s" in printed and "est~" in printed and "taylorseer" in printed
+
+
+def test_e2e_reports_oom_and_goes_on(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    e2e = sys.modules["bench_e2e"]
+    build = e2e.build
+    monkeypatch.setattr(e2e, "build", lambda size, *a: out_of_memory() if size.config.get("num_layers") == 3
+                        else build(size, *a))  # the tiny 14B's weights do not fit
+    attention.register_method("test-oom", lambda q, k, v, layout: out_of_memory(), overwrite=True)
+    out = tmp_path / "e2e.json"
+    try:
+        benchmark.main(["e2e", *E2E_FAST, "--models", "wan14b", "wan1.3b", "--methods", "test-oom", "no-such-method",
+                        "--caches", "taylorseer", "--no-compile", "--json", str(out)])
+    finally:
+        attention.unregister_method("test-oom")
+    data, rows = e2e_rows(out)
+    oom = rows["wan1.3b", "test-oom", None]
+    assert oom["oom"] and oom["note"] == "OOM" and oom["eager_ms"] is None
+    assert rows["wan1.3b", "test-oom", "taylorseer"]["note"].startswith("not run")
+    assert "unknown" in rows["wan1.3b", "no-such-method", None]["note"]
+    assert rows["wan1.3b", "dense (model)", "taylorseer"]["loop_mode"] == "eager"  # --no-compile: eager loops
+    assert rows["wan14b", "(model)", None]["oom"] and list(rows)[-1] == ("wan14b", "(model)", None)
+    table = benchmark.sys.modules["bench_e2e"].e2e_table(data["rows"], 3)
+    assert table.count("OOM") >= 3  # eager, compiled and N-step columns of the method's row
+
+
+def test_e2e_time_limit_skips_and_lists_the_rest(tmp_path):
+    out = tmp_path / "e2e.json"
+    benchmark.main(["e2e", *E2E_FAST, "--models", "wan1.3b", "--methods", "--caches", "--time-limit", "0",
+                    "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["note"] == "skipped (time limit)" and row["eager_ms"] is None
+
+
+def test_e2e_explain_compile_finds_graph_breaks_and_recompiles(tmp_path, capsys):
+    import torch.nn.functional as F
+
+    def branchy(q, k, v, layout, step):
+        if step == 0:  # a Python value compiled code specialises on: one more graph at the next step
+            q = q * 1.0
+        if float(q.abs().sum()) < 0:  # a tensor read back into Python: a graph break
+            q = -q
+        return F.scaled_dot_product_attention(q, k, v)
+
+    attention.register_method("test-branchy", branchy, overwrite=True)
+    out = tmp_path / "explain.json"
+    try:
+        benchmark.main(["e2e", "--tiny", "--models", "wan1.3b", "--explain-compile", "test-branchy",
+                        "--json", str(out)])
+    finally:
+        attention.unregister_method("test-branchy")
+    data = json.loads(out.read_text())
+    dense, branched = data["rows"]
+    assert data["explain"] == "test-branchy" and data["backend"] == "eager"
+    assert dense["graph_breaks"] == 0 and dense["recompiles"] == 0 and dense["graphs"] >= 1
+    assert branched["graph_breaks"] >= 1 and branched["recompiles"] >= 1 and branched["graphs"] > dense["graphs"]
+    assert any("test_benchmark_scripts.py" in reason for reason, _ in branched["break_reasons"])
+    assert any("step" in reason for reason, _ in branched["recompile_reasons"])
+    for row in (dense, branched):
+        assert row["first_call_s"] > 0 and row["second_call_s"] > 0 and row["in_compile_s"] > 0
+        assert "_compile.compile_inner" in row["phases_s"]
+    printed = capsys.readouterr().out
+    assert "graph breaks" in printed and "recompiles" in printed and "compile time by phase" in printed
+
+
+def test_e2e_sizes_are_the_real_models():
+    sizes = benchmark.sys.modules["bench_e2e"].sizes(tiny=False)
+    wan14b, hunyuan = sizes["wan14b"], sizes["hunyuan"]
+    assert (wan14b.config["num_attention_heads"], wan14b.config["num_layers"], wan14b.config["ffn_dim"]) == (
+        40, 40, 13824)
+    assert wan14b.latents == (1, 16, 21, 90, 160) and sizes["wan1.3b"].latents == (1, 16, 21, 60, 104)
+    assert hunyuan.latents == (1, 16, 33, 90, 160) and hunyuan.config == {}  # diffusers' defaults: the 13B model
+    with pytest.raises(SystemExit):
+        benchmark.build_parser().parse_args(["e2e", "--models", "wan2.2"])
+
+
+def test_e2e_eager_loops_and_ratios_from_an_earlier_run(tmp_path):
+    first, second = tmp_path / "wan.json", tmp_path / "hunyuan.json"
+    benchmark.main(["e2e", *E2E_FAST, "--models", "wan1.3b", "--methods", "--caches", "taylorseer", "--loop-eager",
+                    "--json", str(first)])
+    _, rows = e2e_rows(first)
+    plain, cached = rows["wan1.3b", "dense (model)", None], rows["wan1.3b", "dense (model)", "taylorseer"]
+    # An eager loop, compared with the eager forward, scales the compiled estimate.
+    assert cached["loop_mode"] == "eager" and cached["steps_how"] == "est~"
+    assert cached["loop_ratio"] == pytest.approx(cached["loop_s"] / (3 * plain["eager_ms"] / 1e3))
+    assert cached["steps_s"] == pytest.approx(plain["steps_s"] * cached["loop_ratio"])
+    benchmark.main(["e2e", *E2E_FAST, "--models", "hunyuan", "--methods", "--caches", "taylorseer", "--no-eager",
+                    "--ratios-from", str(first), "--json", str(second)])
+    _, rows = e2e_rows(second)
+    scaled = rows["hunyuan", "dense (model)", "taylorseer"]
+    assert scaled["steps_how"] == "est~" and "loop_s" not in scaled
+    assert scaled["steps_s"] == pytest.approx(rows["hunyuan", "dense (model)", None]["steps_s"] * cached["loop_ratio"])

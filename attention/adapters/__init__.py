@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from attention.adapters.block_causal import BlockCausalFamily
+from attention.adapters.cogvideox import CogVideoXFamily
+from attention.adapters.hunyuan_video import HunyuanVideoFamily
 from attention.adapters.wan_style import WanStyleFamily
 from attention.layout import VideoLayout
 
 # The block-causal family first: its models are VideoDiTs too, which the Wan-style family would also claim.
-FAMILIES = [BlockCausalFamily(), WanStyleFamily()]
+FAMILIES = [BlockCausalFamily(), WanStyleFamily(), HunyuanVideoFamily(), CogVideoXFamily()]
 
 
 def find_family(model):

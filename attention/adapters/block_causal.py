@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from attention.adapters.wan_style import WanStyleFamily, project_qkv
 from attention.block_causal import ChunkCall, attention_with_lse, chunk_causal_attention
+from attention.context_parallel import context_parallel_of
 from attention.kernels import merge_attention
 from attention.layout import VideoLayout
 from attention.methods import autocast_dtype
@@ -32,7 +33,12 @@ class BlockCausalProcessor:
     chunk_call: a holder whose `.current` is the ChunkCall of the forward in progress (shared by the model's layers).
     method: a bound attention method for the in-chunk part (None: dense); it must take `return_lse`.
     adapter_state: the `attention.apply` state (block size, dense warm-up steps), None for the model's own.
+
+    Context parallelism is not supported: per-chunk captions and the KV cache's bookkeeping take every token of a
+    chunk on one rank. diffusers' `enable_parallelism` sets `_parallel_config` on the processor; a call then fails.
     """
+
+    _parallel_config = None
 
     def __init__(self, chunk_call, layer_index: int, method=None, adapter_state=None, dense: bool = False):
         self.chunk_call = chunk_call
@@ -45,6 +51,9 @@ class BlockCausalProcessor:
                  **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None or kwargs:
             raise ValueError("a block-causal self-attention layer takes no encoder states, mask or extra arguments")
+        if context_parallel_of(self._parallel_config) is not None:
+            raise ValueError("block-diffusion models do not support context parallelism: a chunk's tokens, its "
+                             "caption segments and its KV cache must stay on one rank")
         call: ChunkCall = self.chunk_call.current
         if call is None:
             raise RuntimeError("a block-causal layer was called outside its model's forward")
@@ -116,4 +125,7 @@ class BlockCausalFamily(WanStyleFamily):
         if not getattr(method, "takes_lse", False):
             raise ValueError("on a block-diffusion model an attention method must return its log-sum-exp (take a "
                              "`return_lse` option), to be merged with the attention over earlier chunks")
-        return BlockCausalProcessor(original.chunk_call, layer_index, method, state, dense)
+        processor = BlockCausalProcessor(original.chunk_call, layer_index, method, state, dense)
+        # Installed after `enable_parallelism`, it must still refuse to run split.
+        processor._parallel_config = getattr(original, "_parallel_config", None)
+        return processor

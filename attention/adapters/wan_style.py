@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from attention.adapters.method_processor import MethodProcessor
+from attention.context_parallel import context_parallel_of, ulysses_attention
 from attention.layout import VideoLayout
 from attention.methods import autocast_dtype
 
@@ -35,20 +37,17 @@ def project_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Te
     return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
 
-class WanStyleProcessor:
+class WanStyleProcessor(MethodProcessor):
     """Self-attention processor for a `WanAttention` module that hands q, k, v to an attention method.
 
     Calls it cannot serve exactly (cross-attention, a mask, image keys, extra arguments), dense layers, warm-up
     steps and calls without a known layout go to the module's original processor, so they stay bit-exact and keep
     whatever attention backend the model was set to.
-    """
 
-    def __init__(self, original, state, method, layer_index: int, dense: bool):
-        self.original = original
-        self.state = state
-        self.method = method
-        self.layer_index = layer_index
-        self.dense = dense
+    Under diffusers' context parallelism (`enable_parallelism`) each rank holds a share of the tokens: the method
+    runs on all of them for a share of the heads (`attention.context_parallel`), and under ring attention only
+    dense attention runs, through the original processor.
+    """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
         state, layout = self.state, self.state.layout
@@ -59,8 +58,14 @@ class WanStyleProcessor:
             and not attn.is_cross_attention
             and getattr(attn, "add_k_proj", None) is None
         )
+        parallel = context_parallel_of(self._parallel_config)
+        if parallel is not None and parallel.kind == "ring":
+            parallel.require_dense(state.method)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         if plain and layout is not None:
-            layout.check(hidden_states.shape[1])
+            # Under context parallelism this rank holds a share; the layout describes the whole video.
+            local = hidden_states.shape[1]
+            layout.check(local if parallel is None else parallel.gathered_tokens(local))
         if not plain or layout is None or self.dense or state.dense_now or not layout.is_video_only:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
@@ -70,7 +75,11 @@ class WanStyleProcessor:
             # The q/k RMS norms can give float32 here (float32 weights), which the half-precision kernels do not
             # take: training would use the reference.
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        out = self.method(query, key, value, layout, state.step)
+        if parallel is None:
+            out = self.method(query, key, value, layout, state.step)
+        else:
+            out = ulysses_attention(lambda q, k, v: self.method(q, k, v, layout, state.step), query, key, value,
+                                    parallel)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
