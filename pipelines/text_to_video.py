@@ -3,6 +3,8 @@
 The denoising loop follows diffusers' guider protocol (as in its HunyuanVideo 1.5 pipeline): the guider splits the
 conditioning into the batches it needs (conditional, unconditional, ...), the transformer runs once per batch, and
 the guider combines the predictions. Extra guidance objects (``guidance=[...]``) are called at the same points.
+A clip longer than the model was trained at gets ``position-interpolation`` unless the call passes
+``interpolate_positions=False``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from diffusers.video_processor import VideoProcessor
 from pipelines.caches import (branch_context, check_branches, installed_cache, needs_one_call_per_step,
                               start_generation)
 from t2v.guidance import Guidance, resolve_guidance
+from t2v.guidance.position_interpolation import PositionInterpolation
 from t2v.models import TextEncoder, VideoDiT
 
 
@@ -74,6 +77,14 @@ class TextToVideoPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of 'np', 'pt', 'pil', 'latent', got {output_type!r}")
         self.transformer.check_video_shape(num_frames, height, width)
         return prompts
+
+    def _needs_position_interpolation(self, num_frames: int, guidance: list, asked: bool | None) -> bool:
+        """Whether a call gets `position-interpolation` added: asked for (True), or by default (None) when the clip
+        is longer than the model was trained at (the model's per-frame tables would otherwise send it back along
+        its motion: docs/benchmarks.md, "Guidance where the model fails"). False never adds it."""
+        if asked is False or any(isinstance(g, PositionInterpolation) for g in guidance):
+            return False
+        return bool(asked) or num_frames > self.default_video_shape[0]
 
     def encode_prompt(self, prompts: list[str], num_videos_per_prompt: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings (B * num_videos_per_prompt, L, D) and their mask."""
@@ -133,6 +144,7 @@ class TextToVideoPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         guidance: list | None = None,
+        interpolate_positions: bool | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -148,6 +160,8 @@ class TextToVideoPipeline(DiffusionPipeline):
             raise ValueError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {sorted(unknown)}")
         device = self._execution_device
         extra_guidance = resolve_guidance(self.default_guidance if guidance is None else guidance)
+        if self._needs_position_interpolation(num_frames, extra_guidance, interpolate_positions):
+            extra_guidance.append(PositionInterpolation())
 
         prompt_embeds, prompt_mask = self.encode_prompt(prompts, num_videos_per_prompt, device)
         negative = negative_prompt if negative_prompt is not None else ""

@@ -150,10 +150,13 @@ def main(argv=None) -> dict:
     else:
         suite = prompt_suite(args.split, args.prompts)
 
+    # "none" means none: the pipeline's automatic position interpolation only where a setting names it.
+    extra = {} if args.regime == "block" else {"interpolate_positions": False}
+
     def generate(guidance):
         started = time.perf_counter()
         clips, specs, _ = generate_clips(pipe, suite, args.seeds, args.batch_size, args.regime, num_frames=frames,
-                                         num_inference_steps=args.steps, guidance=guidance)
+                                         num_inference_steps=args.steps, guidance=guidance, **extra)
         return clips, specs, (time.perf_counter() - started) / len(clips)
 
     reference, results = None, {}

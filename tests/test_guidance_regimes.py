@@ -172,7 +172,7 @@ def test_position_interpolation_acts_only_past_the_trained_length_and_restores_t
     interpolate = get_guidance("position-interpolation")
     assert torch.equal(run(pipe, [interpolate], num_frames=4), run(pipe, num_frames=4))  # the trained length
     longer = run(pipe, [interpolate], num_frames=8)
-    assert (longer - run(pipe, num_frames=8)).abs().max() > 1e-3
+    assert (longer - run(pipe, num_frames=8, interpolate_positions=False)).abs().max() > 1e-3
     assert all(torch.equal(v, state[k]) for k, v in pipe.transformer.state_dict().items())
     assert torch.equal(pipe.transformer.rope.freqs_cos, rope[0]) and torch.equal(pipe.transformer.rope.freqs_sin, rope[1])
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
@@ -188,3 +188,15 @@ def test_position_interpolation_refuses_block_models():
     with pytest.raises(ValueError, match="chunk-by-chunk"):
         tiny_block_pipeline()("a red circle moves right", num_frames=8, num_inference_steps=1,
                               guidance=["position-interpolation"])
+
+
+def test_longer_clips_get_position_interpolation_by_default():
+    pipe = tiny_pipe()
+    interpolated = run(pipe, [get_guidance("position-interpolation")], num_frames=8)
+    assert torch.equal(run(pipe, num_frames=8), interpolated)  # added by default past the trained 4 frames
+    plain = run(pipe, num_frames=8, interpolate_positions=False)
+    assert (plain - interpolated).abs().max() > 1e-3
+    assert torch.equal(run(pipe, num_frames=4, interpolate_positions=False), run(pipe, num_frames=4))
+    assert torch.equal(run(pipe, [get_guidance("temporal-self-guidance")], num_frames=8),
+                       run(pipe, [get_guidance("temporal-self-guidance"), get_guidance("position-interpolation")],
+                           num_frames=8))

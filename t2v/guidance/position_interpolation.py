@@ -56,9 +56,9 @@ class PositionInterpolation(Guidance):
 
     def begin(self, pipeline, num_inference_steps: int) -> None:
         transformer = pipeline.transformer
-        if not hasattr(transformer, "frame_embedding") and not hasattr(transformer, "frame_modulation_embedding"):
-            raise ValueError(f"{self.name} needs a model with per-frame tables (this project's VideoDiT), got "
-                             f"{type(transformer).__name__}")
+        if not hasattr(getattr(transformer, "rope", None), "t_dim") or "sample_frames" not in transformer.config:
+            raise ValueError(f"{self.name} needs this project's VideoDiT (per-frame tables, a rotary embedding and "
+                             f"the frames it was trained at), got {type(transformer).__name__}")
         if hasattr(pipeline, "chunk_frames"):  # a chunk-by-chunk model takes any length as it is
             raise ValueError(f"{self.name} does not support chunk-by-chunk (block-causal) models")
         config = transformer.config
