@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.guiders import ClassifierFreeGuidance
 
@@ -235,3 +234,23 @@ def test_evaluate_long_script_compares_a_method_with_no_method_on_the_same_seeds
     assert "psnr_mean" not in exact[0]
     kept = script.main(common + ["--attention-option", "refresh_every=3", "--attention-option", "exact_steps=0"])
     assert kept[1]["psnr_min"] < exact[1]["psnr_min"]  # a kept block-external part is an approximation
+
+
+def test_a_tiny_block_model_trains_with_falling_loss_and_keeps_its_chunking(tmp_path):
+    import json
+
+    from t2v.training import TrainConfig, train
+    from tiny_models import TINY_TEXT
+
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=60, batch_size=8, learning_rate=2e-3, warmup_steps=5,
+                      log_every=1, save_every=1000, block=True, frames=6, long_frames=12, height=16, width=16,
+                      transformer=dict(TINY_BLOCK), text_encoder=TINY_TEXT)
+    final = train(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert json.loads((final / "transformer" / "config.json").read_text())["_class_name"] == "BlockVideoDiT"
+    model = BlockVideoDiT.from_pretrained(final / "transformer")
+    assert (model.config.chunk_frames, model.config.window_chunks) == (2, 2)
+    with pytest.raises(ValueError, match="windows"):
+        train(TrainConfig(output_dir=str(tmp_path / "bad"), steps=1, block=True, frames=4, height=16, width=16,
+                          transformer=dict(TINY_BLOCK), text_encoder=TINY_TEXT))
