@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import sys
 import time
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--parallel", default=None, choices=PARALLEL_KINDS,
                      help="split the video across the processes of a torchrun launch (context parallelism); "
                           "the first process writes the file")
+    gen.add_argument("--no-position-interpolation", action="store_true",
+                     help="past the frames the model was trained at, leave out the position interpolation this "
+                          "project's pipeline adds by itself (the clip then plays its motion back)")
     gen.add_argument("--device", default=None,
                      help="cuda, cpu, ... (default: cuda if available; with --parallel, this process's GPU)")
     gen.add_argument("--fps", type=int, default=8)
@@ -169,6 +173,10 @@ def cmd_generate(args) -> None:
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator)
+    if args.no_position_interpolation:
+        if "interpolate_positions" not in inspect.signature(pipe.__call__).parameters:
+            raise UsageError(f"--no-position-interpolation: {type(pipe).__name__} does not interpolate positions")
+        call["interpolate_positions"] = False
     # Options not given keep the pipeline's own defaults: diffusers' pipelines (a --model folder of Wan,
     # HunyuanVideo or CogVideoX) take the same names but no None for them.
     frames = pipe(args.prompt, **{key: value for key, value in call.items() if value is not None}).frames[0]

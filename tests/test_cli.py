@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 
 from t2v.cli import main
@@ -99,3 +100,15 @@ def test_option_values_read_as_literals_and_lowercase_booleans():
     assert parse_option("threshold=0.25") == ("threshold", 0.25)
     assert parse_option("mode=none") == ("mode", None)
     assert parse_option("name=temporal") == ("name", "temporal")
+
+
+def test_position_interpolation_is_on_past_the_trained_frames_and_can_be_left_out(tmp_path):
+    videos = {}
+    for name, flags in [("auto", []), ("off", ["--no-position-interpolation"]),
+                        ("named", ["--guidance", "position-interpolation"])]:
+        out = tmp_path / f"{name}.mp4"
+        assert main(["generate", PROMPT, "-o", str(out), "--steps", "1", "--frames", "18", *flags]) == 0
+        videos[name] = iio.imread(out).astype(int)
+    assert np.array_equal(videos["auto"], videos["named"]) and np.abs(videos["auto"] - videos["off"]).max() > 0
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "b.mp4"), "--model", "t2v-tiny-block", "--steps", "1",
+                 "--frames", "4", "--no-position-interpolation"]) == 2
