@@ -9,7 +9,8 @@ seeds (clip i of every run starts from the same noise). Per setting: the density
 (`method_density` over its sparse calls; it covers the last pipeline call, so keep the suite in one batch),
 sparsity = 1 - density, the density counting warm-up steps and dense layers as dense (`effective_density`), scorer
 accuracy (`all` and per attribute) and its difference to dense in points, PSNR of each clip against the dense clip
-of the same seed (mean, median and min, and each clip's in the JSON; identical clips count as 100 dB), and seconds
+of the same seed (mean, median, min, the share of clips under 20 dB and under 10 dB, and each clip's in the JSON;
+identical clips count as 100 dB), and seconds
 (after a one-clip warm-up on GPU). The JSON also lists the captions and, per setting, the clips each attribute got
 wrong.
 `--sparse-model DIR` runs the settings on another pipeline (one fine-tuned with the method) against `--model`'s
@@ -178,11 +179,18 @@ def row_from(name, options, score, dense, density, effective, psnrs, gen_s, scor
                 psnr_min=None if psnrs is None else float(psnrs.min()),
                 # Per clip too: a mean cannot tell a few diverged clips from many that drifted a little.
                 psnr_median=None if psnrs is None else float(np.median(psnrs)),
+                # The tail: clips that are another video rather than a drifted copy of the dense one.
+                share_under_20db=None if psnrs is None else float((psnrs < 20).mean()),
+                share_under_10db=None if psnrs is None else float((psnrs < 10).mean()),
                 psnrs=None if psnrs is None else [round(float(x), 2) for x in psnrs],
                 # Which clips each attribute got wrong, to compare settings clip by clip (captions are in the header).
                 wrong={a: [i for i, r in enumerate(score["per_clip"]) if r[a] is not None and not r[a]]
                        for a in (*ATTRIBUTES, "all")},
                 seconds=gen_s, score_seconds=score_s, note="")
+
+
+def percent(share):
+    return None if share is None else 100 * share
 
 
 def points(a, b):
@@ -192,6 +200,7 @@ def points(a, b):
 def row_line(r):
     return (f"density {fmt(r['density'], '.3f')}, all {fmt(100 * r['all'])}% ({fmt(r['delta_all'], '+.1f')} pt), "
             f"PSNR {fmt(r['psnr_mean'])} / median {fmt(r['psnr_median'])} / min {fmt(r['psnr_min'])} dB, "
+            f"under 20 / 10 dB {fmt(percent(r['share_under_20db']))}% / {fmt(percent(r['share_under_10db']))}%, "
             f"{r['seconds']:.1f} s")
 
 
@@ -199,7 +208,8 @@ def table(rows):
     setting = [(r["method"] + " " + ",".join(f"{k}={v}" for k, v in r["options"].items())).strip() for r in rows]
     width = max(24, *map(len, setting))
     lines = [f"{'method / setting':{width}s} {'density':>7s} {'sparsity':>8s} {'all%':>6s} {'d pt':>6s} "
-             + "".join(f"{a[:6]:>7s}" for a in ATTRIBUTES) + f" {'PSNR':>6s} {'median':>6s} {'min':>6s} {'s':>6s}"]
+             + "".join(f"{a[:6]:>7s}" for a in ATTRIBUTES)
+             + f" {'PSNR':>6s} {'median':>6s} {'min':>6s} {'<20dB':>6s} {'<10dB':>6s} {'s':>6s}"]
     for name, r in zip(setting, rows):
         if "all" not in r:
             lines.append(f"{name:{width}s} ({r['note']})")
@@ -207,7 +217,8 @@ def table(rows):
         attrs = "".join(f"{fmt(None if v is None else 100 * v):>7s}" for v in r["attributes"].values())
         lines.append(f"{name:{width}s} {fmt(r['density'], '.3f'):>7s} {fmt(r['sparsity'], '.3f'):>8s} "
                      f"{fmt(100 * r['all']):>6s} {fmt(r['delta_all'], '+.1f'):>6s} {attrs} {fmt(r['psnr_mean']):>6s} "
-                     f"{fmt(r['psnr_median']):>6s} {fmt(r['psnr_min']):>6s} {r['seconds']:6.1f}")
+                     f"{fmt(r['psnr_median']):>6s} {fmt(r['psnr_min']):>6s} {fmt(percent(r['share_under_20db'])):>6s} "
+                     f"{fmt(percent(r['share_under_10db'])):>6s} {r['seconds']:6.1f}")
     return "\n".join(lines)
 
 

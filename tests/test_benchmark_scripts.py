@@ -138,6 +138,9 @@ def test_sweep_dense_against_dense_and_a_method(toy_method, tmp_path, capsys):
     assert len(toy["psnrs"]) == 3 and toy["psnr_median"] == pytest.approx(sorted(toy["psnrs"])[1], abs=0.01)
     assert toy["psnr_min"] == pytest.approx(min(toy["psnrs"]), abs=0.01)
     assert toy["psnr_mean"] == pytest.approx(sum(toy["psnrs"]) / 3, abs=0.01)
+    assert toy["share_under_20db"] == pytest.approx(sum(p < 20 for p in toy["psnrs"]) / 3)
+    assert toy["share_under_10db"] == pytest.approx(sum(p < 10 for p in toy["psnrs"]) / 3)
+    assert dense["share_under_20db"] == 0
     assert len(data["captions"]) == 3
     for row in (reference, dense, toy):  # the listed wrong clips are what the accuracies count
         assert row["all"] == pytest.approx(1 - len(row["wrong"]["all"]) / 3)
