@@ -19,6 +19,7 @@ import math
 import torch
 
 from t2v.guidance.base import Guidance
+from t2v.models.block_dit import BlockVideoDiT
 
 # Per-frame tables of this project's VideoDiT and their first axis: frames.
 FRAME_TABLES = ("frame_embedding", "frame_modulation_embedding", "layout_prior.frame_row_queries",
@@ -59,7 +60,7 @@ class PositionInterpolation(Guidance):
         if not hasattr(getattr(transformer, "rope", None), "t_dim") or "sample_frames" not in transformer.config:
             raise ValueError(f"{self.name} needs this project's VideoDiT (per-frame tables, a rotary embedding and "
                              f"the frames it was trained at), got {type(transformer).__name__}")
-        if hasattr(pipeline, "chunk_frames"):  # a chunk-by-chunk model takes any length as it is
+        if isinstance(transformer, BlockVideoDiT):  # a chunk-by-chunk model takes any length as it is
             raise ValueError(f"{self.name} does not support chunk-by-chunk (block-causal) models")
         config = transformer.config
         trained = self.trained_frames or config.sample_frames
@@ -73,9 +74,10 @@ class PositionInterpolation(Guidance):
         if frames <= self._trained:
             return None
         with torch.no_grad():
+            parameters = dict(transformer.named_parameters())
             for name in FRAME_TABLES:
-                table = transformer.get_parameter(name) if _has(transformer, name) else None
-                if table is not None:
+                if name in parameters:  # each table only where the config switched it on
+                    table = parameters[name]
                     self._saved[name] = table.data[:frames].clone()
                     table.data[:frames] = interpolated_rows(table.data, self._trained, frames)
             if self.rope:
@@ -102,10 +104,3 @@ class PositionInterpolation(Guidance):
             hook.remove()
         self._hooks = []
 
-
-def _has(module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-        return True
-    except AttributeError:
-        return False

@@ -41,6 +41,7 @@ from attention.adapters import find_family
 from attention.adapters.wan_style import project_qkv
 from attention.kernels import dense_attention, triton_usable
 from t2v.guidance.base import Guidance
+from t2v.models.block_dit import BlockVideoDiT
 
 _CONTROLLER_ATTR = "_temporal_map_controller"
 
@@ -174,7 +175,7 @@ class TemporalMapGuidance(Guidance):
         if self.strength == 0 or self._controller is not None:
             return
         family = find_family(transformer)
-        if family.name == "block-causal":
+        if isinstance(transformer, BlockVideoDiT):
             # Its layers attend over a KV cache of earlier chunks that a guided call here would not see.
             raise ValueError(f"{self.name} does not support chunk-by-chunk (block-causal) models")
         # Settings are checked before anything is installed, so a mistake leaves the model as it was.
