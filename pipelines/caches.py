@@ -88,10 +88,10 @@ def available_caches() -> list[str]:
 def _model_kind(transformer) -> str:
     """Which set of caches and settings applies: "block", "video-dit", "wan", "hunyuan", "cogvideox"; ValueError for
     another model."""
-    from t2v.models import VideoDiT
+    from t2v.models import BlockVideoDiT, VideoDiT
 
     if isinstance(transformer, VideoDiT):
-        return "block" if hasattr(transformer, "chunk_call") else "video-dit"
+        return "block" if isinstance(transformer, BlockVideoDiT) else "video-dit"
     kinds = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan",
              "CogVideoXTransformer3DModel": "cogvideox"}
     for cls in type(transformer).__mro__:
