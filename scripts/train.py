@@ -131,6 +131,9 @@ def main(argv=None):
                         help="with --block: share of windows that start at a clip's first frame")
     parser.add_argument("--history-noise", type=float, default=TrainConfig.history_noise,
                         help="with --block: the largest noise level of the finished chunks a chunk learns from")
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="with --block: processes that draw the training batches ahead on the CPU (the long "
+                             "world's drawing otherwise bounds the step rate at a large batch; 0: drawn in the loop)")
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this long")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
@@ -166,6 +169,7 @@ def main(argv=None):
         on_policy_steps=args.on_policy_steps, block=args.block, mixer=args.mixer, frames=args.frames,
         long_frames=args.long_frames,
         chain_prob=args.chain_prob, history_noise=args.history_noise, window_start_share=args.window_start_share,
+        data_workers=args.data_workers,
         save_every=args.save_every, max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile, attention=args.attention,

@@ -254,3 +254,29 @@ def test_a_tiny_block_model_trains_with_falling_loss_and_keeps_its_chunking(tmp_
     with pytest.raises(ValueError, match="windows"):
         train(TrainConfig(output_dir=str(tmp_path / "bad"), steps=1, block=True, frames=4, height=16, width=16,
                           transformer=dict(TINY_BLOCK), text_encoder=TINY_TEXT))
+
+
+def test_batches_drawn_by_workers_are_block_batches_and_differ_between_workers():
+    from t2v.training.block_training import worker_batches
+
+    world = dict(frames=12, height=16, width=16, chunk_frames=2)
+    options = dict(batch_size=4, window_frames=6, chunk_frames=2, caption_dropout=0.0, shift=3.0,
+                   history_noise=0.05, start_share=0.5)
+    next_batch = worker_batches(world, options, seed=3, workers=2, device="cpu")
+    first, second = next_batch(), next_batch()
+    videos, captions, t, weights = first
+    assert videos.shape == (4, 3, 6, 16, 16) and t.shape == (4, 6) and weights.shape == (4, 1, 6, 1, 1)
+    assert len(captions) == 4 and all(len(row) == 3 and all(row) for row in captions)
+    assert videos.abs().max() <= 1 and not torch.equal(videos, second[0])  # two workers, two generators
+
+
+def test_block_training_with_data_workers_runs_and_data_workers_need_block(tmp_path):
+    from t2v.training import TrainConfig, train
+    from tiny_models import TINY_TEXT
+
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=3, batch_size=4, warmup_steps=1, save_every=1000, block=True,
+                      frames=6, long_frames=12, height=16, width=16, data_workers=1,
+                      transformer=dict(TINY_BLOCK), text_encoder=TINY_TEXT)
+    assert (train(cfg) / "transformer" / "config.json").exists()
+    with pytest.raises(ValueError, match="data_workers"):
+        train(TrainConfig(output_dir=str(tmp_path / "bad"), steps=1, data_workers=2, text_encoder=TINY_TEXT))

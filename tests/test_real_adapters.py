@@ -112,6 +112,31 @@ def test_text_key_mask_serves_text_padding_only():
     assert text_key_mask(keep[:, :, :, :7], 5, 3, text_first=False)[0] is False
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_inside_a_compiled_graph_the_mask_is_taken_unread_with_the_same_result(monkeypatch, padded):
+    model, inputs, _ = _hunyuan(padded=padded)
+    reference = _run(model, inputs)
+    attention.apply(model, "dense")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    servable, kept = text_key_mask(torch.ones(1, 1, 1, 8, dtype=torch.bool), 5, 3, text_first=False)
+    assert servable and kept.shape == (1, 3)  # not read: handed on as a mask even where nothing is masked
+    torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_text_attention_is_dense_attention_over_the_kept_keys():
+    from attention.adapters.joint_text import _attend_text
+    from attention.kernels import reference
+
+    q, k, v = torch.randn(3, 2, 37, 16), torch.randn(3, 2, 6, 16), torch.randn(3, 2, 6, 16)
+    kept = torch.tensor([[True] * 6, [True, False, True, False, True, True], [False] * 6])
+    out, lse = _attend_text(q, k, v, kept)
+    for b in (0, 1):
+        want_out, want_lse = reference.dense_attention(q[b:b + 1], k[b:b + 1, :, kept[b]], v[b:b + 1, :, kept[b]])
+        torch.testing.assert_close(out[b:b + 1], want_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[b:b + 1], want_lse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and bool((lse[2] == float("-inf")).all())
+
+
 def _no_lse(q, k, v, layout):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 

@@ -42,6 +42,9 @@ def text_key_mask(attention_mask, num_video: int, num_text: int, text_first: boo
     Returns (servable, kept): kept is None when no key is masked, else a (B or 1, num_text) bool of the text keys
     each sample keeps. servable is False for any other mask (not a boolean (B, 1, 1, N) mask over keys, or one that
     masks video keys): those calls go to the model's own processor.
+    Inside a compiled graph the mask's values are not read (a Python bool of them would break the graph): a
+    boolean (B, 1, 1, N) mask is taken as the key-padding mask of the text that HunyuanVideo's forward builds (every
+    video key kept) and goes to the masked path, which gives the same result when nothing is masked.
     """
     if attention_mask is None:
         return True, None
@@ -51,26 +54,36 @@ def text_key_mask(attention_mask, num_video: int, num_text: int, text_first: boo
         return False, None
     keys = attention_mask[:, 0, 0]
     video, text = (keys[:, num_text:], keys[:, :num_text]) if text_first else (keys[:, :num_video], keys[:, num_video:])
+    if torch.compiler.is_compiling():
+        return True, text
     if not bool(video.all()):
         return False, None
     return True, None if bool(text.all()) else text
 
 
+# Query rows per step of the masked text attention: bounds its float32 scores (rows x heads x text keys).
+_MASKED_ROWS = 8192
+
+
 def _attend_text(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor | None):
-    """(out, lse) of q over the text keys, each sample over its kept keys only; no kept key gives 0 and -inf."""
+    """(out, lse) of q over the text keys, each sample over its kept keys only; no kept key gives 0 and -inf.
+
+    With a mask the scores are computed here (text is a few hundred keys), in steps of query rows, with no branch
+    on the mask's values."""
     if kept is None:
         return dense_attention(q, k, v)
+    scale = q.shape[-1] ** -0.5
+    bias = torch.zeros(kept.shape, dtype=torch.float32, device=q.device).masked_fill(~kept, float("-inf"))
+    bias = bias[:, None, None, :]
+    kf, vf = k.float(), v.float()
     outs, lses = [], []
-    for b in range(q.shape[0]):
-        keep = kept[b if kept.shape[0] > 1 else 0]
-        if not bool(keep.any()):
-            outs.append(torch.zeros_like(q[b:b + 1]))
-            lses.append(torch.full(q.shape[1:3], float("-inf"), device=q.device).unsqueeze(0))
-            continue
-        out, lse = dense_attention(q[b:b + 1], k[b:b + 1, :, keep], v[b:b + 1, :, keep])
-        outs.append(out)
+    for start in range(0, q.shape[2], _MASKED_ROWS):
+        scores = torch.matmul(q[:, :, start:start + _MASKED_ROWS].float(), kf.transpose(-1, -2)) * scale + bias
+        lse = torch.logsumexp(scores, dim=-1)
+        weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # a row with no kept key: -inf - -inf
+        outs.append(torch.matmul(weights, vf).to(v.dtype))
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def joint_attention(method, layout: VideoLayout, step: int, video: tuple, text: tuple, kept_text=None):

@@ -45,3 +45,38 @@ def block_batch(world, batch_size: int, window_frames: int, chunk_frames: int, g
     weights = learned.float().repeat_interleave(chunk_frames, dim=1)
     weights = weights / weights.mean().clamp(min=1e-6)
     return videos, chunk_captions, frames_t, weights[:, None, :, None, None]
+
+
+class _WindowBatches(torch.utils.data.IterableDataset):
+    """An endless stream of `block_batch` batches drawn on the CPU, each worker with its own generator."""
+
+    def __init__(self, world_options: dict, batch_options: dict, seed: int):
+        super().__init__()
+        self.world_options, self.batch_options, self.seed = world_options, batch_options, seed
+
+    def __iter__(self):
+        from t2v.data.long_clips import LongVideoWorld
+
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        torch.set_num_threads(1)  # the workers share the host's cores
+        world = LongVideoWorld(**self.world_options, device="cpu")
+        generator = torch.Generator().manual_seed(self.seed * 1009 + worker)
+        while True:
+            yield block_batch(world, generator=generator, **self.batch_options)
+
+
+def worker_batches(world_options: dict, batch_options: dict, seed: int, workers: int, device):
+    """A function returning the next `block_batch` batch on `device`, drawn ahead by `workers` processes.
+    world_options: LongVideoWorld's arguments but device; batch_options: block_batch's but world and generator."""
+    loader = torch.utils.data.DataLoader(_WindowBatches(world_options, batch_options, seed), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4, persistent_workers=True,
+                                         pin_memory=torch.device(device).type == "cuda")
+    batches = iter(loader)
+
+    def next_batch():
+        videos, chunk_captions, t, weights = next(batches)
+        return (videos.to(device, non_blocking=True), chunk_captions, t.to(device, non_blocking=True),
+                weights.to(device, non_blocking=True))
+
+    return next_batch

@@ -8,6 +8,7 @@ training device; nothing is read from disk.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -27,7 +28,7 @@ from t2v.data.long_clips import LongVideoWorld
 from t2v.models import BlockVideoDiT, TextEncoder, VideoDiT
 from t2v.models.block_dit import block_model_from
 from t2v.models.mate_dit import MateVideoDiT, mate_model_from
-from t2v.training.block_training import block_batch
+from t2v.training.block_training import block_batch, worker_batches
 from t2v.training.caption_attributes import CaptionAttributeHead, attribute_targets
 from t2v.training.distillation import DenseTeacher, blended_target, guidance_pairs, guided_error
 from t2v.training.flow_path import path_velocity, sample_timesteps  # noqa: F401 (sample_timesteps re-exported)
@@ -69,6 +70,7 @@ class TrainConfig:
     chain_prob: float = 0.3  # share of one-object long clips whose motion changes part-way
     window_start_share: float = 0.35  # share of windows that start at a clip's first frame
     history_noise: float = 0.05  # largest time (noise level) of the history chunks a chunk learns to continue
+    data_workers: int = 0  # block training: background processes drawing the batches (0: drawn in the loop)
     save_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None
@@ -233,6 +235,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if cfg.block and (cfg.teacher_weight or cfg.on_policy_share or cfg.caption_attribute_loss or cfg.attention):
         raise ValueError("block training (block) takes none of teacher_weight, on_policy_share, "
                          "caption_attribute_loss or attention")
+    if cfg.data_workers < 0 or (cfg.data_workers and not cfg.block):
+        raise ValueError(f"data_workers draws block training's batches: a count >= 0 with block, got "
+                         f"{cfg.data_workers} (block={cfg.block})")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None)
     set_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.output_dir)
@@ -302,17 +307,28 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             ) from error
         start_step = int(Path(resume).name.split("-")[-1])
 
+    generator = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index + start_step)
+    world = next_block_batch = None
     if cfg.block:
         chunk_frames = transformer.config.chunk_frames
         if cfg.frames != transformer.window_frames:
             raise ValueError(f"block training takes windows of the model's {transformer.window_frames} frames "
                              f"(frames={cfg.frames})")
-        world = LongVideoWorld(cfg.long_frames, cfg.height, cfg.width, split="train", two_object_prob=cfg.two_object_prob,
-                               chain_prob=cfg.chain_prob, chunk_frames=chunk_frames, device=accelerator.device)
+        world_options = dict(frames=cfg.long_frames, height=cfg.height, width=cfg.width, split="train",
+                             two_object_prob=cfg.two_object_prob, chain_prob=cfg.chain_prob, chunk_frames=chunk_frames)
+        batch_options = dict(batch_size=cfg.batch_size, window_frames=cfg.frames, chunk_frames=chunk_frames,
+                             caption_dropout=cfg.caption_dropout, shift=cfg.timestep_shift,
+                             history_noise=cfg.history_noise, start_share=cfg.window_start_share,
+                             low=cfg.min_timestep)
+        if cfg.data_workers:
+            next_block_batch = worker_batches(world_options, batch_options, cfg.seed * 1000 + start_step
+                                              + 100 * accelerator.process_index, cfg.data_workers, accelerator.device)
+        else:
+            long_world = LongVideoWorld(**world_options, device=accelerator.device)
+            next_block_batch = functools.partial(block_batch, long_world, generator=generator, **batch_options)
     else:
         world = VideoWorld(cfg.frames, cfg.height, cfg.width, split="train",
                            two_object_prob=cfg.two_object_prob, device=accelerator.device)
-    generator = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index + start_step)
     tokenizer = accelerator.unwrap_model(module).text_encoder
     on_policy = None
     if cfg.on_policy_share:
@@ -324,7 +340,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     step = start_step
     for step in progress:
         if cfg.block:
-            loss = _block_step(cfg, world, module, tokenizer, generator, accelerator)
+            loss = _block_step(cfg, next_block_batch(), module, tokenizer, generator, accelerator)
             attribute_loss = torch.zeros((), device=accelerator.device)
         else:
             loss, attribute_loss = _data_step(cfg, world, module, tokenizer, generator, accelerator, teacher,
@@ -399,12 +415,9 @@ def _data_step(cfg: TrainConfig, world, module, tokenizer, generator, accelerato
     return loss, attribute_loss
 
 
-def _block_step(cfg: TrainConfig, world, module, tokenizer, generator, accelerator):
+def _block_step(cfg: TrainConfig, batch, module, tokenizer, generator, accelerator):
     """One batch of long-clip windows with a noise level per chunk (block-causal model): the flow loss."""
-    transformer = accelerator.unwrap_model(module).transformer
-    videos, chunk_captions, t, weights = block_batch(
-        world, cfg.batch_size, cfg.frames, transformer.config.chunk_frames, generator, cfg.caption_dropout,
-        cfg.timestep_shift, cfg.history_noise, cfg.window_start_share, low=cfg.min_timestep)
+    videos, chunk_captions, t, weights = batch
     if cfg.foreground_weight != 1.0:
         weights = weights * foreground_weights(videos, cfg.foreground_weight)
     noise = torch.randn(videos.shape, generator=generator, device=accelerator.device)
