@@ -5,6 +5,9 @@ projections around cuDNN SDPA, with Wan's q/k RMS norms) against one MATE mixer 
 (frames x rows x columns) windows, plus the bidirectional Mamba2 branch), at grids of F x 32 x 64 tokens (8k, 32k,
 64k, 128k), forward and forward + backward. Then, unless --skip-model, one forward of a whole 30-block
 Wan2.1-1.3B-sized VideoDiT and its MATE variant at the largest size (random weights).
+`--scan`: instead, the gated linear scan alone, per backend (the PyTorch chunked scan, our Triton forward, fla's
+`chunk_simple_gla` where installed) at the same token counts, 12 heads, state 64, values of 128, with each one's
+relative error against the PyTorch scan.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ def add_mate_parser(sub):
     p.add_argument("--state-size", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--skip-model", action="store_true", help="no whole-model forward")
+    p.add_argument("--scan", action="store_true", help="time the scan backends alone instead")
     p.add_argument("--model-layers", type=int, default=30)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (checks the plumbing)")
     p.add_argument("--json", default=None)
@@ -61,6 +65,8 @@ def run_mate(args):
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.scan:
+        return _scan_backends(args, device, dtype)
     dim, heads, rows, columns = (1536, 12, 32, 64) if not args.tiny else (64, 2, 4, 8)
     dense, mate, holder = _mixers(dim, heads, tuple(args.window), args.state_size, device, dtype)
     info = dict(run_info(device), hidden=dim, heads=heads, window=args.window, state_size=args.state_size)
@@ -123,9 +129,50 @@ def _whole_model(args, device, dtype, median_ms):
         with torch.no_grad():
             results[name] = median_ms(lambda: model(latents, torch.tensor([500.0], device=device), text),
                                       max(1, args.runs // 2), 1, device)
-        del model
+        model = None  # freed before the next one is built
         torch.cuda.empty_cache() if device.type == "cuda" else None
     tokens = frames * config["max_height"] // 2 * config["max_width"] // 2
     print(f"whole model forward, {config['num_layers']} blocks, {tokens} tokens: dense {results['dense']:.1f} ms, "
           f"MATE {results['mate']:.1f} ms, speed-up {results['dense'] / results['mate']:.2f}x")
     return dict(tokens=tokens, layers=config["num_layers"], **{f"{k}_ms": v for k, v in results.items()})
+
+
+def _scan_backends(args, device, dtype):
+    """ms of each scan backend at each size, forward only, and its relative error against the PyTorch scan."""
+    import torch
+
+    from attention.kernels import scan_dispatch
+    from attention.kernels.linear_scan import chunked_linear_scan
+    from benchmark import fmt, median_ms, run_info, write_json
+
+    backends = {"torch": chunked_linear_scan}
+    if device.type == "cuda" and scan_dispatch._TRITON is not None:
+        backends["triton"] = scan_dispatch._TRITON.linear_scan
+    fla = scan_dispatch._fla_chunk_simple_gla() if device.type == "cuda" else None
+    if fla is not None:
+        backends["fla"] = lambda q, k, v, g: scan_dispatch._run_fla(fla, q, k, v, g, None)
+    heads, state, width = (12, 64, 128) if not args.tiny else (2, 8, 16)
+    info = dict(run_info(device), heads=heads, state_size=state, value_size=width, backends=list(backends))
+    rows = []
+    generator = torch.Generator(device).manual_seed(0)
+    for size in args.sizes:
+        tokens = SIZES[size] * 32 * 64 if not args.tiny else SIZES[size] * 32
+        q, k = (0.3 * torch.randn(1, heads, tokens, state, device=device, generator=generator).to(dtype)
+                for _ in range(2))
+        v = torch.randn(1, heads, tokens, width, device=device, generator=generator).to(dtype)
+        log_decay = -0.1 * torch.rand(1, heads, tokens, device=device, generator=generator)
+        row = dict(size=size, tokens=tokens)
+        with torch.no_grad():
+            reference = chunked_linear_scan(q, k, v, log_decay)[0].float()
+            for name, scan in backends.items():
+                out = scan(q, k, v, log_decay)[0].float()
+                row[f"{name}_ms"] = median_ms(lambda: scan(q, k, v, log_decay), args.runs, 2, device)
+                row[f"{name}_error"] = ((out - reference).norm() / reference.norm()).item()
+        rows.append(row)
+        write_json(args.json, info, rows)
+    print(f"{info['device']}: gated linear scan, forward, {heads} heads, state {state}, values {width}, {dtype}")
+    print(f"{'tokens':>8}" + "".join(f"{name + ' ms':>12}{name + ' err':>12}" for name in backends))
+    for r in rows:
+        print(f"{r['tokens']:>8}" + "".join(f"{fmt(r[name + '_ms'], '.2f'):>12}{fmt(r[name + '_error'], '.1e'):>12}"
+                                             for name in backends))
+    return rows

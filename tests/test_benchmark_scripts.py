@@ -206,6 +206,12 @@ def test_flashblock_and_mate_subcommands_on_toy_sizes(tmp_path, capsys):
     assert [r["tokens"] for r in data["rows"]] == [128, 512]
     assert all(r[key] > 0 for r in data["rows"] for key in ("dense_fwd_ms", "mate_fwd_ms", "mate_fwd_bwd_ms"))
     assert data["model"]["mate_ms"] > 0 and "whole model forward" in capsys.readouterr().out
+    benchmark.main(["mate", "--tiny", "--scan", "--sizes", "8k", "32k", "--runs", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["backends"] == ["torch"]  # the CPU has neither Triton nor fla
+    assert [r["tokens"] for r in data["rows"]] == [128, 512]
+    assert all(r["torch_ms"] > 0 and r["torch_error"] == 0 for r in data["rows"])
+    assert "gated linear scan" in capsys.readouterr().out
 
 
 # ---- e2e: whole Wan / HunyuanVideo transformers, methods x step caches (tiny configs, CPU, eager backend) -------
