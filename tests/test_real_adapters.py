@@ -123,18 +123,23 @@ def test_inside_a_compiled_graph_the_mask_is_taken_unread_with_the_same_result(m
     torch.testing.assert_close(_run(model, inputs), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_masked_text_attention_is_dense_attention_over_the_kept_keys():
-    from attention.adapters.joint_text import _attend_text
+@pytest.mark.parametrize("rows", [37, 5])
+def test_masked_text_attention_is_dense_attention_over_the_kept_keys(monkeypatch, rows):
+    from attention.adapters import joint_text
     from attention.kernels import reference
 
+    monkeypatch.setattr(joint_text, "_MASKED_ROWS", rows)  # 37 queries in one step, or in steps of 5
     q, k, v = torch.randn(3, 2, 37, 16), torch.randn(3, 2, 6, 16), torch.randn(3, 2, 6, 16)
     kept = torch.tensor([[True] * 6, [True, False, True, False, True, True], [False] * 6])
-    out, lse = _attend_text(q, k, v, kept)
+    out, lse = joint_text.masked_text_attention(q, k, v, kept)
     for b in (0, 1):
         want_out, want_lse = reference.dense_attention(q[b:b + 1], k[b:b + 1, :, kept[b]], v[b:b + 1, :, kept[b]])
         torch.testing.assert_close(out[b:b + 1], want_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse[b:b + 1], want_lse, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[2], torch.zeros_like(out[2])) and bool((lse[2] == float("-inf")).all())
+    eager_out, eager_lse = joint_text._attend_text(q, k, v, kept)  # the per-sample path agrees
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, eager_lse, rtol=1e-5, atol=1e-5)
 
 
 def _no_lse(q, k, v, layout):

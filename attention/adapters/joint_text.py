@@ -44,7 +44,7 @@ def text_key_mask(attention_mask, num_video: int, num_text: int, text_first: boo
     masks video keys): those calls go to the model's own processor.
     Inside a compiled graph the mask's values are not read (a Python bool of them would break the graph): a
     boolean (B, 1, 1, N) mask is taken as the key-padding mask of the text that HunyuanVideo's forward builds (every
-    video key kept) and goes to the masked path, which gives the same result when nothing is masked.
+    video key kept) and goes to `masked_text_attention`, which gives the same result when nothing is masked.
     """
     if attention_mask is None:
         return True, None
@@ -68,10 +68,28 @@ _MASKED_ROWS = 8192
 def _attend_text(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor | None):
     """(out, lse) of q over the text keys, each sample over its kept keys only; no kept key gives 0 and -inf.
 
-    With a mask the scores are computed here (text is a few hundred keys), in steps of query rows, with no branch
-    on the mask's values."""
+    Eagerly each sample attends over its kept keys with the fused kernels; inside a compiled graph, where that
+    per-sample branch would break the graph, `masked_text_attention` computes the same."""
     if kept is None:
         return dense_attention(q, k, v)
+    if torch.compiler.is_compiling():
+        return masked_text_attention(q, k, v, kept)
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        keep = kept[b if kept.shape[0] > 1 else 0]
+        if not bool(keep.any()):
+            outs.append(torch.zeros_like(q[b:b + 1]))
+            lses.append(torch.full(q.shape[1:3], float("-inf"), device=q.device).unsqueeze(0))
+            continue
+        out, lse = dense_attention(q[b:b + 1], k[b:b + 1, :, keep], v[b:b + 1, :, keep])
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def masked_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor):
+    """`_attend_text` with a mask, from the scores (text is a few hundred keys), in steps of query rows, with no
+    branch on the mask's values."""
     scale = q.shape[-1] ** -0.5
     bias = torch.zeros(kept.shape, dtype=torch.float32, device=q.device).masked_fill(~kept, float("-inf"))
     bias = bias[:, None, None, :]
