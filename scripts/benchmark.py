@@ -4,7 +4,8 @@
 
 ``attention`` times, on CUDA, forward attention at video-model shapes: dense cuDNN SDPA,
 FlashAttention-2 SDPA, compiled FlexAttention with a BlockMask of the same random selection,
-and the Triton block-sparse kernel (median of triton.testing.do_bench).
+and the Triton block-sparse kernel (median of triton.testing.do_bench); with ``--backward``, forward+backward of
+each backward mode of the kernel against the same three (see bench_attention_bwd.py).
 
     python scripts/benchmark.py model [--methods dense vmoba:threshold=0.25 ...] [--compile] [--tiny] [--json PATH]
 
@@ -123,6 +124,14 @@ def run_attention(args):
     from attention.kernels import triton_block_sparse as T
 
     shapes = ["wan1.3b"] if args.quick else args.shapes
+    if args.backward:
+        result = run_attention_backward(
+            args, lambda fn: do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"),
+            random_selection, flex_block_mask, shapes, ATTENTION_SHAPES)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+        return
     bs, dev, dtype = args.block_size, "cuda", torch.bfloat16
     flex = torch.compile(flex_attention)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -212,6 +221,8 @@ def add_attention_parser(sub):
     p.add_argument("--variants", nargs="+", default=["tma", "ptr"], choices=["tma", "ptr"],
                    help="forward K/V loads: tensor descriptors (tma) and/or pointers (ptr)")
     p.add_argument("--sweep", action="store_true", help="also time every forward config on the first shape")
+    p.add_argument("--backward", action="store_true",
+                   help="forward+backward of each backward mode against Flex, cuDNN and FA2 (bench_attention_bwd.py)")
     p.set_defaults(func=run_attention)
 
 
@@ -641,6 +652,7 @@ def add_methods_parser(sub):
 
 
 from bench_e2e import add_e2e_parser  # noqa: E402  (beside this file)
+from bench_attention_bwd import run_attention_backward  # noqa: E402
 from bench_flashblock import add_flashblock_parser  # noqa: E402
 from bench_mate import add_mate_parser  # noqa: E402
 from bench_parallel import add_parallel_parser  # noqa: E402

@@ -70,9 +70,9 @@ def make_case(B, H, N, M, D, bs, density, dtype, pool=False, empty=0.0, layout="
     return q, k, v, index, count, kw
 
 
-def check(name, case, grads=True, configs=None, tol=None, tma=True):
+def check(name, case, grads=True, configs=None, tol=None, tma=True, bwd_mode="split"):
     from attention.kernels import triton_block_sparse as T
-    T.FWD_TMA = tma
+    T.FWD_TMA, T.BWD_MODE = tma, bwd_mode
     q, k, v, index, count, kw = case
     dtype = q.dtype
     tol_out = tol or (1e-2 if dtype == torch.bfloat16 else 3e-3)
@@ -105,8 +105,8 @@ def check(name, case, grads=True, configs=None, tol=None, tma=True):
     finally:
         T._poison_outputs = False
         T._forced_configs.clear()
-        T.FWD_TMA = True
-    report(name, ok, detail)
+        T.FWD_TMA, T.BWD_MODE = True, "split"
+    report(name + ("" if bwd_mode == "split" else f" [{bwd_mode} bwd]"), ok, detail)
 
 
 def compare_scores(label, param_name, cases, reference, fused, spread=1.0):
@@ -208,15 +208,28 @@ def main():
                f"out {e:.2e} lse {el:.2e}")
     check("bf16 D128 N=3000 full density grads", make_case(1, 2, 3000, 3000, 128, 128, 1.0, bf))
 
+    # The fused backward (dq added atomically) on the cases that exercise padding, pooling, empty rows and strides.
+    for name, case in (("bf16 D128 N=M=1000 bs64 30% pooled empty", (1, 3, 1000, 1000, 128, 64, 0.3, bf, True, 0.2)),
+                       ("bf16 D64 N=1000 M=1300 bs64 40%", (2, 2, 1000, 1300, 64, 64, 0.4, bf)),
+                       ("fp16 D128 N=777 M=500 bs128 50% pooled", (1, 2, 777, 500, 128, 128, 0.5, fp, True)),
+                       ("bf16 D128 N=M=32760 bs128 15% pooled", (1, 2, 32760, 32760, 128, 128, 0.15, bf, True, 0.05)),
+                       ("bf16 D128 N=M=8190 bs128 100%", (1, 2, 8190, 8190, 128, 128, 1.0, bf)),
+                       ("bf16 D128 N=2000 bs128 non-contiguous pooled", (2, 3, 2000, 2000, 128, 128, 0.3, bf, True, 0.0,
+                                                                         "bnhd")),
+                       ("bf16 D64 all lists empty, some pooled only", (1, 2, 300, 300, 64, 64, 0.3, bf, True, 1.0))):
+        check(name, make_case(*case), bwd_mode="fused")
+
     # Every tile config of every kernel, at both block sizes.
     for bs, N in ((64, 1000), (128, 2000)):
-        for name, cfgs in (("fwd", T.FWD_CONFIGS), ("dq", T.DQ_CONFIGS), ("dkdv", T.DKDV_CONFIGS)):
+        for name, cfgs in (("fwd", T.FWD_CONFIGS), ("dq", T.DQ_CONFIGS), ("dkdv", T.DKDV_CONFIGS),
+                           ("fused", T.FUSED_CONFIGS)):
             for cfg in cfgs:
                 for tma in ((True, False) if name == "fwd" else (True,)):
                     if T._fits(cfg, bs):
                         check(f"config {name} {cfg} bs{bs}" + (" tma" if tma and name == "fwd" else ""),
                               make_case(1, 2, N, N + 37, 128, bs, 0.3, bf, True, 0.1),
-                              grads=name != "fwd", configs={name: cfg}, tma=tma)
+                              grads=name != "fwd", configs={name: cfg}, tma=tma,
+                              bwd_mode="fused" if name == "fused" else "split")
 
     # Dispatch: Triton on CUDA, no warning; dense_attention with lse.
     import warnings

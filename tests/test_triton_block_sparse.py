@@ -33,11 +33,13 @@ def case(N, M, D, bs, density, pooled, seed):
     return q, k, v, index, count, extra
 
 
+@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
 @pytest.mark.parametrize("N,M,D,bs,density,pooled", [(200, 150, 32, 64, 1.0, False), (150, 170, 16, 32, 0.5, False),
                                                      (96, 100, 16, 32, 0.5, True)])
-def test_triton_forward_and_backward_match_the_reference(N, M, D, bs, density, pooled, monkeypatch):
+def test_triton_forward_and_backward_match_the_reference(N, M, D, bs, density, pooled, bwd_mode, monkeypatch):
     from attention.kernels import triton_block_sparse as T
 
+    monkeypatch.setattr(T, "BWD_MODE", bwd_mode)  # two dq passes, or dq added atomically in the dk/dv pass
     monkeypatch.setattr(T, "_AUTOTUNE", False)  # one tile config: the interpreter is slow
     monkeypatch.setattr(T, "FWD_TMA", DEVICE == "cuda")  # descriptor loads need a GPU
     q, k, v, index, count, extra = case(N, M, D, bs, density, pooled, seed=N + M)

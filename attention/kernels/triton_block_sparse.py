@@ -26,9 +26,10 @@ from .triton_block_sparse_fwd import LOG2E, bsa_fwd_kernel
 # the fastest measured on an H100 (see docs/kernel_notes.md) and needs ~225 KB shared memory.
 FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
                (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
-# dq: (BLOCK_M, BLOCK_N, ...); dk/dv and pooled: (BLOCK_N keys, BLOCK_M queries, ...).
+# dq: (BLOCK_M, BLOCK_N, ...); dk/dv, fused and pooled: (BLOCK_N keys, BLOCK_M queries, ...).
 DQ_CONFIGS = [(128, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
 DKDV_CONFIGS = [(128, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
+FUSED_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
 POOLED_CONFIG = (64, 64, 8, 2)
 
 _AUTOTUNE = os.environ.get("T2V_ATTN_AUTOTUNE", "1") != "0"
@@ -37,6 +38,9 @@ _KEY = ["HEAD_DIM", "BS", "HAS_POOL", "HAS_TAIL", "USE_TMA", "TAIL_BRANCH"]
 FWD_TMA = os.environ.get("T2V_ATTN_TMA", "1") != "0"
 # Mask logits only in the key tile that crosses the sequence end (False: mask every tile).
 FWD_TAIL_BRANCH = True
+# Backward: "split" (a dq pass and a dk/dv pass, no atomics) or "fused" (one pass, dq added atomically).
+BWD_MODE = os.environ.get("T2V_ATTN_BWD", "split")
+_KERNELS = {"fwd": bsa_fwd_kernel, "dq": bsa_bwd_dq_kernel, "dkdv": bsa_bwd_dkdv_kernel, "fused": bsa_bwd_dkdv_kernel}
 
 
 def _fits(cfg, bs):
@@ -57,17 +61,23 @@ def _kernel(which, bs):
     """The autotuned launcher for a kernel and block size (cached)."""
     key = (which, bs)
     if key not in _tuned:
-        fn, cfgs, keys = {
-            "fwd": (bsa_fwd_kernel, FWD_CONFIGS, _KEY),
-            "dq": (bsa_bwd_dq_kernel, DQ_CONFIGS, _KEY[:4]),
-            "dkdv": (bsa_bwd_dkdv_kernel, DKDV_CONFIGS, ["HEAD_DIM", "BS"]),
+        cfgs, keys = {
+            "fwd": (FWD_CONFIGS, _KEY),
+            "dq": (DQ_CONFIGS, _KEY[:4] + ["LISTED"]),
+            "dkdv": (DKDV_CONFIGS, ["HEAD_DIM", "BS"]),
+            "fused": (FUSED_CONFIGS, ["HEAD_DIM", "BS"]),  # the dk/dv kernel with FUSE_DQ
         }[which]
-        names = ("BLOCK_N", "BLOCK_M") if which == "dkdv" else ("BLOCK_M", "BLOCK_N")
-        configs = _as_triton_configs(cfgs, bs, names)
+        configs = _as_triton_configs(cfgs, bs, _tile_names(which))
         if not _AUTOTUNE:
             configs = configs[:1]
-        _tuned[key] = triton.autotune(configs=configs, key=keys)(fn)
+        # Trials of the fused kernel add into its dq buffer: zero it before each.
+        reset = ["DQACC"] if which == "fused" else None
+        _tuned[key] = triton.autotune(configs=configs, key=keys, reset_to_zero=reset)(_KERNELS[which])
     return _tuned[key]
+
+
+def _tile_names(which):
+    return ("BLOCK_N", "BLOCK_M") if which in ("dkdv", "fused") else ("BLOCK_M", "BLOCK_N")
 
 
 def _launch(which, bs, grid, args, config=None, **const):
@@ -76,10 +86,9 @@ def _launch(which, bs, grid, args, config=None, **const):
         wrap_triton(_kernel(which, bs))[grid](*args, **const)
         return
     a, b, w, s = config
-    names = ("BLOCK_N", "BLOCK_M") if which == "dkdv" else ("BLOCK_M", "BLOCK_N")
-    fn = {"fwd": bsa_fwd_kernel, "dq": bsa_bwd_dq_kernel, "dkdv": bsa_bwd_dkdv_kernel}[which]
+    names = _tile_names(which)
     meta = {names[0]: a, names[1]: b}
-    wrap_triton(fn)[grid(meta)](*args, **const, **meta, num_warps=w, num_stages=s)
+    wrap_triton(_KERNELS[which])[grid(meta)](*args, **const, **meta, num_warps=w, num_stages=s)
 
 
 def _tma_alloc(size, alignment, stream):
@@ -171,25 +180,30 @@ def block_sparse_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tens
     B, H, N, D = q.shape
     M = k.shape[2]
     nqb, nkb = kv_block_index.shape[2], triton.cdiv(M, block_size)
-    dq = _empty((B, H, N, D), q.dtype, q.device)
     dk = _empty((B, H, M, D), k.dtype, q.device)
     dv = _empty((B, H, M, D), v.dtype, q.device)
     pk, pv, plw, spk, spv, P = _pool_args(q, pooled_k, pooled_v, pooled_log_weight)
     has_pool = pooled_k is not None
     qk_scale = scale * LOG2E
 
-    args = (q, k, v, do, lse, delta, pk, pv, plw, kv_block_index, kv_block_count, dq,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(do), *spk, *spv,
-            H, N, M, P, nqb, kv_block_index.shape[3], qk_scale, scale)
-    const = dict(HEAD_DIM=D, BS=block_size, HAS_POOL=has_pool, HAS_TAIL=M % block_size != 0)
-    _launch("dq", block_size, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H), args,
-            _forced_configs.get("dq"), **const)
-
     q_index, q_count = transpose_block_index(kv_block_index, kv_block_count, nkb)
-    args = (q, k, v, do, lse, delta, q_index, q_count, dk, dv,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(do), H, N, M, nqb, nkb, qk_scale, scale)
-    _launch("dkdv", block_size, lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), B * H), args,
-            _forced_configs.get("dkdv"), HEAD_DIM=D, BS=block_size)
+    strides = (*_s3(q), *_s3(k), *_s3(v), *_s3(do))
+    key_grid = lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), B * H)  # noqa: E731
+    fused = BWD_MODE == "fused"
+    dq = None if fused and not has_pool else _empty((B, H, N, D), q.dtype, q.device)
+    dq_acc = torch.zeros((B, H, N, D), dtype=torch.float32, device=q.device) if fused else dq
+    # The dk/dv pass (with dq added atomically when fused) first: the dq pass then adds the pooled terms to it.
+    _launch("fused" if fused else "dkdv", block_size, key_grid,
+            (q, k, v, do, lse, delta, q_index, q_count, dk, dv, dq_acc, *strides, H, N, M, nqb, nkb, qk_scale, scale),
+            _forced_configs.get("fused" if fused else "dkdv"), HEAD_DIM=D, BS=block_size, FUSE_DQ=fused)
+    if not fused or has_pool:
+        args = (q, k, v, do, lse, delta, pk, pv, plw, kv_block_index, kv_block_count, dq, dq_acc,
+                *strides, *spk, *spv, H, N, M, P, nqb, kv_block_index.shape[3], qk_scale, scale)
+        _launch("dq", block_size, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H), args,
+                _forced_configs.get("dq"), HEAD_DIM=D, BS=block_size, HAS_POOL=has_pool,
+                HAS_TAIL=M % block_size != 0, LISTED=not fused)
+    else:
+        dq = dq_acc.to(q.dtype)
 
     if not has_pool:
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)

@@ -1,13 +1,16 @@
 """Triton backward kernels of block-sparse flash attention.
 
 With P = softmax probabilities (recomputed from the saved lse) and delta_i = sum_d dO_i * O_i
-(minus the incoming lse gradient), dS = P * (dO V^T - delta). Three kernels, no atomics:
+(minus the incoming lse gradient), dS = P * (dO V^T - delta). Three kernels, no atomics (the "split" backward):
 
 * dq: per query tile, the same walk over listed key blocks and pooled entries as the forward;
 * dk/dv: per key tile, a walk over the query blocks that list its key block (the transposed
   index is built with torch ops by the caller);
 * pooled dk/dv: per tile of pooled entries and per slice of the query tiles, partial sums
   written to a float32 buffer that the caller reduces over slices.
+
+The "fused" backward runs the dk/dv kernel with FUSE_DQ, adding each tile's dq term atomically to a float32
+buffer; with pooled entries the dq kernel then adds only their terms (LISTED=False).
 """
 
 import triton
@@ -25,13 +28,14 @@ def _lse2(Lse, offs, N):
 
 @triton.jit
 def bsa_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, PK, PV, PLW, IDX, CNT, DQ,
+    Q, K, V, DO, Lse, Delta, PK, PV, PLW, IDX, CNT, DQ, DQACC,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
     s_pkb, s_pkh, s_pkn, s_pvb, s_pvh, s_pvn,
     H, N, M, P, NQB, MAXK, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, HAS_POOL: tl.constexpr, HAS_TAIL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LISTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # LISTED=False: only the pooled entries, added to the float32 dq of the listed blocks in DQACC (fused backward).
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
     sm_scale = tl.cast(sm_scale, tl.float32)
     pid_m = tl.program_id(0)
@@ -56,7 +60,7 @@ def bsa_bwd_dq_kernel(
     row = pid_bh.to(tl.int64) * NQB + qb
     cnt = tl.load(CNT + row)
     idx_ptr = IDX + row * MAXK
-    for t in range(0, cnt * SUBS):
+    for t in range(0, cnt * SUBS if LISTED else 0):
         kb = tl.load(idx_ptr + t // SUBS)
         start = kb * BS + (t % SUBS) * BLOCK_N
         cols = start + offs_n
@@ -86,28 +90,33 @@ def bsa_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(pk.dtype), pk, dq)
 
-    dq_ptr = DQ + pid_bh.to(tl.int64) * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok)
+    dq_off = pid_bh.to(tl.int64) * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    dq = dq * sm_scale
+    if not LISTED:
+        dq += tl.load(DQACC + dq_off, mask=row_ok, other=0.0)
+    tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _dkdv_update(sT, vt, q, do, lse2, delta, dk, dv):
-    """Fold one tile of queries into dk, dv; sT holds base-2 logits with keys as rows."""
+    """Fold one tile of queries into dk, dv; sT holds base-2 logits with keys as rows. Also returns dS^T."""
     pT = tl.math.exp2(sT - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv)
     dpT = tl.dot(vt, tl.trans(do))
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk)
-    return dk, dv
+    return dk, dv, dsT
 
 
 @triton.jit
 def bsa_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, QIDX, QCNT, DK, DV,
+    Q, K, V, DO, Lse, Delta, QIDX, QCNT, DK, DV, DQACC,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
     H, N, M, NQB, NKB, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BS: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # FUSE_DQ: also add each tile's dq term, dS^T K * sm_scale, atomically to the float32 buffer DQACC (zeroed by
+    # the caller): five matrix products per tile instead of the split backward's seven.
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     pid_n = tl.program_id(0)
@@ -121,7 +130,7 @@ def bsa_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = tl.arange(0, BLOCK_M)
     key_ok = offs_n[:, None] < M
-    # Keys past M are computed but never stored, so they need no masking in the loop.
+    # Keys past M load as zeros: computed but never stored, and their dq terms (dS^T K) vanish, so no masking.
     kt = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=key_ok, other=0.0)
     vt = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=key_ok, other=0.0)
     q_base = Q + b * s_qb + h * s_qh
@@ -143,7 +152,11 @@ def bsa_bwd_dkdv_kernel(
         lse2 = _lse2(lse_base, rows, N)
         delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
         sT = tl.dot(kt, tl.trans(q)) * qk_scale
-        dk, dv = _dkdv_update(sT, vt, q, do, lse2, delta, dk, dv)
+        dk, dv, dsT = _dkdv_update(sT, vt, q, do, lse2, delta, dk, dv)
+        if FUSE_DQ:
+            dq = tl.dot(tl.trans(dsT.to(kt.dtype)), kt) * sm_scale
+            dq_ptr = DQACC + pid_bh.to(tl.int64) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptr, dq, mask=row_ok, sem="relaxed")
 
     out_off = pid_bh.to(tl.int64) * M * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
@@ -190,10 +203,11 @@ def bsa_bwd_pooled_kernel(
         qb = (mt * BLOCK_M) // BS
         lw = tl.load(PLW + (pid_bh.to(tl.int64) * NQB + qb) * P + offs_p, mask=offs_p < P, other=float("-inf"))
         sT = tl.dot(pk, tl.trans(q)) * qk_scale + (lw * _LOG2E)[:, None]
-        dk, dv = _dkdv_update(sT, pv, q, do, lse2, delta, dk, dv)
+        dk, dv, _ = _dkdv_update(sT, pv, q, do, lse2, delta, dk, dv)
 
     # Partial sums, float32, laid out (SPLIT, B*H, P, D); the caller sums over SPLIT and scales dk.
     out_off = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * P * HEAD_DIM
     out_off += offs_p[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DPK + out_off, dk, mask=p_ok)
     tl.store(DPV + out_off, dv, mask=p_ok)
+
