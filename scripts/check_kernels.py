@@ -159,6 +159,24 @@ def check_group_mass(do_bench):
     time_scores(do_bench, "group block mass", "group", (32, 16, 8), *versions)
 
 
+def check_fused_backward(T, bf, fp):
+    """The fused backward (dq added atomically) on the cases that exercise padding, pooling, empty rows and
+    strides, and every fused tile config."""
+    for name, case in (("bf16 D128 N=M=1000 bs64 30% pooled empty", (1, 3, 1000, 1000, 128, 64, 0.3, bf, True, 0.2)),
+                       ("bf16 D64 N=1000 M=1300 bs64 40%", (2, 2, 1000, 1300, 64, 64, 0.4, bf)),
+                       ("fp16 D128 N=777 M=500 bs128 50% pooled", (1, 2, 777, 500, 128, 128, 0.5, fp, True)),
+                       ("bf16 D128 N=M=32760 bs128 15% pooled", (1, 2, 32760, 32760, 128, 128, 0.15, bf, True, 0.05)),
+                       ("bf16 D128 N=M=8190 bs128 100%", (1, 2, 8190, 8190, 128, 128, 1.0, bf)),
+                       ("bf16 D128 N=2000 bs128 non-contiguous pooled", (2, 3, 2000, 2000, 128, 128, 0.3, bf, True, 0.0,
+                                                                         "bnhd")),
+                       ("bf16 D64 all lists empty, some pooled only", (1, 2, 300, 300, 64, 64, 0.3, bf, True, 1.0))):
+        check(name, make_case(*case), bwd_mode="fused")
+    for cfg in T.FUSED_CONFIGS:
+        if T._fits(cfg, 128):
+            check(f"config fused {cfg} bs128", make_case(1, 2, 2000, 2037, 128, 128, 0.3, bf, True, 0.1),
+                  configs={"fused": cfg}, bwd_mode="fused")
+
+
 def finish():
     print(f"\n{len(FAILS)} failure(s)" + (": " + ", ".join(FAILS) if FAILS else ""), flush=True)
     sys.exit(1 if FAILS else 0)
@@ -168,7 +186,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--skip-compile", action="store_true")
-    ap.add_argument("--only", choices=["antidiagonal", "group_mass"], help="run only this group of checks")
+    ap.add_argument("--only", choices=["antidiagonal", "group_mass", "fused_backward"],
+                    help="run only this group of checks")
     args = ap.parse_args()
     import triton
     from attention.kernels import triton_block_sparse as T
@@ -176,6 +195,9 @@ def main():
     print(f"seed {args.seed}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{torch.cuda.get_device_name()}", flush=True)
     bf, fp = torch.bfloat16, torch.float16
+    if args.only == "fused_backward":
+        check_fused_backward(T, bf, fp)
+        finish()
     if args.only:
         from triton.testing import do_bench
         {"antidiagonal": check_antidiagonal_scores, "group_mass": check_group_mass}[args.only](do_bench)
@@ -208,28 +230,17 @@ def main():
                f"out {e:.2e} lse {el:.2e}")
     check("bf16 D128 N=3000 full density grads", make_case(1, 2, 3000, 3000, 128, 128, 1.0, bf))
 
-    # The fused backward (dq added atomically) on the cases that exercise padding, pooling, empty rows and strides.
-    for name, case in (("bf16 D128 N=M=1000 bs64 30% pooled empty", (1, 3, 1000, 1000, 128, 64, 0.3, bf, True, 0.2)),
-                       ("bf16 D64 N=1000 M=1300 bs64 40%", (2, 2, 1000, 1300, 64, 64, 0.4, bf)),
-                       ("fp16 D128 N=777 M=500 bs128 50% pooled", (1, 2, 777, 500, 128, 128, 0.5, fp, True)),
-                       ("bf16 D128 N=M=32760 bs128 15% pooled", (1, 2, 32760, 32760, 128, 128, 0.15, bf, True, 0.05)),
-                       ("bf16 D128 N=M=8190 bs128 100%", (1, 2, 8190, 8190, 128, 128, 1.0, bf)),
-                       ("bf16 D128 N=2000 bs128 non-contiguous pooled", (2, 3, 2000, 2000, 128, 128, 0.3, bf, True, 0.0,
-                                                                         "bnhd")),
-                       ("bf16 D64 all lists empty, some pooled only", (1, 2, 300, 300, 64, 64, 0.3, bf, True, 1.0))):
-        check(name, make_case(*case), bwd_mode="fused")
+    check_fused_backward(T, bf, fp)
 
     # Every tile config of every kernel, at both block sizes.
     for bs, N in ((64, 1000), (128, 2000)):
-        for name, cfgs in (("fwd", T.FWD_CONFIGS), ("dq", T.DQ_CONFIGS), ("dkdv", T.DKDV_CONFIGS),
-                           ("fused", T.FUSED_CONFIGS)):
+        for name, cfgs in (("fwd", T.FWD_CONFIGS), ("dq", T.DQ_CONFIGS), ("dkdv", T.DKDV_CONFIGS)):
             for cfg in cfgs:
                 for tma in ((True, False) if name == "fwd" else (True,)):
                     if T._fits(cfg, bs):
                         check(f"config {name} {cfg} bs{bs}" + (" tma" if tma and name == "fwd" else ""),
                               make_case(1, 2, N, N + 37, 128, bs, 0.3, bf, True, 0.1),
-                              grads=name != "fwd", configs={name: cfg}, tma=tma,
-                              bwd_mode="fused" if name == "fused" else "split")
+                              grads=name != "fwd", configs={name: cfg}, tma=tma)
 
     # Dispatch: Triton on CUDA, no warning; dense_attention with lse.
     import warnings
