@@ -55,6 +55,30 @@ def trained_attention(path: str | os.PathLike) -> tuple[str, dict] | None:
         raise ValueError(f"cannot read {config}: {error}") from error
 
 
+def measured_quality(path: str | os.PathLike) -> str | None:
+    """One line of a folder's measured quality (its quality.json), or None where none was shipped. Fields: accuracy
+    and what it counts (`of`), clips, optionally the dense model's accuracy on the same clips and, for a sparse
+    variant, `psnr` (mean, median, under_20db, under_10db: PSNR of each clip against the dense model's clip from
+    the same seed), device, date."""
+    from t2v import QUALITY_FILE
+
+    file = Path(path) / QUALITY_FILE
+    if not file.is_file():
+        return None
+    try:
+        q = json.loads(file.read_text())
+        text = f"{q['accuracy']:.1%} {q['of']} ({q['clips']:,} held-out clips"
+        if "dense_accuracy" in q:
+            text += f", the dense model {q['dense_accuracy']:.1%}"
+        psnr = q.get("psnr")
+        if psnr:
+            text += (f"; {psnr['mean']:.1f} dB from the dense model's clip, median {psnr['median']:.1f}, "
+                     f"{psnr['under_20db']:.1%} of clips under 20 dB, {psnr['under_10db']:.1%} under 10 dB")
+        return text + f"; {q['device']}, {q['date']})"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot read {file}: {error}") from error
+
+
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     """The pipeline folder for a model name or path; errors say what was expected."""
     if name_or_path is None:

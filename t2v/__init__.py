@@ -10,6 +10,9 @@ EMBEDDED_MODEL = "t2v-tiny"
 EMBEDDED_VARIANTS = ("t2v-tiny-vmoba", "t2v-tiny-rectified", "t2v-tiny-block", "t2v-tiny-mate")
 # A pipeline folder may name the attention its weights were fine-tuned with; loading installs it unless told otherwise.
 TRAINED_ATTENTION_FILE = "attention_config.json"
+# A shipped folder may carry its measured quality (held-out clips, and for a sparse variant its distance from the
+# dense model's clips, mean and tail); `t2v list` prints it.
+QUALITY_FILE = "quality.json"
 
 
 def default_model_path() -> Path:

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_list(args) -> None:
     import attention
     from pipelines.caches import CACHES
-    from pipelines.loading import available_models, pipeline_class, trained_attention
+    from pipelines.loading import available_models, measured_quality, pipeline_class, trained_attention
     from t2v import EMBEDDED_MODEL
     from t2v.guidance import available_guidance
 
@@ -106,9 +106,12 @@ def cmd_list(args) -> None:
                     if pipeline_class(path).__name__ == "BlockDiffusionPipeline"
                     else f"MATE token mixer: linear cost, up to {transformer.get('max_frames')} frames"
                     if transformer.get("_class_name") == "MateVideoDiT" else "a variant")
+            quality = measured_quality(path)
         except (OSError, ValueError) as error:
-            note = str(error)
+            note, quality = str(error), None
         print(f"  {name} ({note})  {path}")
+        if quality:
+            print(f"      measured: {quality}")
     print("attention methods:")
     for name in attention.available_methods():
         print(f"  {name}")

@@ -24,6 +24,9 @@ def test_list_shows_models_and_methods():
     assert "t2v-tiny" in result.stdout
     assert "t2v-tiny-block (block diffusion" in result.stdout
     assert "t2v-tiny-mate (MATE token mixer: linear cost, up to 128 frames)" in result.stdout
+    # A sparse variant states its tail beside its mean (read from the quality.json it ships with).
+    vmoba = result.stdout.split("t2v-tiny-vmoba (")[1].split("\n  t2v-tiny")[0]
+    assert "measured: " in vmoba and "dB from the dense model's clip" in vmoba and "under 20 dB" in vmoba
     assert "attention methods:\n  dense" in result.stdout
     assert "guidance methods" in result.stdout
 

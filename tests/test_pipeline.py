@@ -184,6 +184,26 @@ def test_a_fine_tuned_folder_loads_with_the_attention_it_was_trained_with(saved,
         load_pipeline(variant)
 
 
+def test_measured_quality_reads_a_folders_quality_file(saved, tmp_path):
+    from pipelines.loading import measured_quality
+    from t2v import QUALITY_FILE
+
+    assert measured_quality(saved) is None
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    quality = {"accuracy": 0.75, "of": "right in every attribute", "clips": 1200, "dense_accuracy": 0.8,
+               "psnr": {"mean": 27.04, "median": 27.5, "under_20db": 0.0625, "under_10db": 0.0},
+               "device": "a GPU", "date": "2026-01-01"}
+    (folder / QUALITY_FILE).write_text(json.dumps(quality))
+    line = measured_quality(folder)
+    assert line.startswith("75.0% right in every attribute (1,200 held-out clips, the dense model 80.0%; 27.0 dB")
+    assert "6.2% of clips under 20 dB, 0.0% under 10 dB; a GPU, 2026-01-01)" in line
+    del quality["clips"]
+    (folder / QUALITY_FILE).write_text(json.dumps(quality))
+    with pytest.raises(ValueError, match="cannot read .*quality.json"):
+        measured_quality(folder)
+
+
 @pytest.mark.parametrize("name, method", [("t2v-tiny-vmoba", "vmoba"), ("t2v-tiny-rectified", "rectified")])
 def test_a_shipped_variant_names_its_attention_and_runs_end_to_end(name, method):
     from pipelines import available_models
