@@ -11,12 +11,8 @@ from __future__ import annotations
 BWD_MODES = ("split", "fused")
 
 
-def _grad_fn(fn, q, k, v):
-    """Forward and backward of fn(q, k, v) -> out, with a fixed random output gradient."""
-    import torch
-
-    g = torch.randn_like(q)
-
+def _grad_fn(fn, q, k, v, g):
+    """Forward and backward of fn(q, k, v) -> out with the output gradient g (the same for every kernel compared)."""
     def run():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), g)
     return run
@@ -42,7 +38,7 @@ def run_attention_backward(args, bench, random_selection, flex_block_mask, shape
             with sdpa_kernel(backend):
                 return sdpa(q, k, v)
         try:
-            run = _grad_fn(fn, q, k, v) if backward else (lambda: fn(q, k, v))
+            run = _grad_fn(fn, q, k, v, grad_out) if backward else (lambda: fn(q, k, v))
             run()
             return bench(run)
         except RuntimeError as exc:
@@ -52,6 +48,7 @@ def run_attention_backward(args, bench, random_selection, flex_block_mask, shape
     for shape in shapes:
         N, H, D = shape_table[shape]
         q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn_like(q)
         nb = -(-N // bs)
         base = {name: dict(fwd=dense(backend, q, k, v, False), fwd_bwd=dense(backend, q, k, v, True))
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION))}
@@ -68,12 +65,12 @@ def run_attention_backward(args, bench, random_selection, flex_block_mask, shape
 
             def ours_fn(q, k, v):
                 return T.block_sparse_attention(q, k, v, index, count, block_size=bs)[0]
-            row["flex"] = dict(fwd=bench(lambda: flex_fn(q, k, v)), fwd_bwd=bench(_grad_fn(flex_fn, q, k, v)))
+            row["flex"] = dict(fwd=bench(lambda: flex_fn(q, k, v)), fwd_bwd=bench(_grad_fn(flex_fn, q, k, v, grad_out)))
             row["ours_fwd"] = bench(lambda: ours_fn(q, k, v))
-            want = _grad_fn(flex_fn, q, k, v)()
+            want = _grad_fn(flex_fn, q, k, v, grad_out)()
             for mode in BWD_MODES:
                 T.BWD_MODE = mode
-                run = _grad_fn(ours_fn, q, k, v)
+                run = _grad_fn(ours_fn, q, k, v, grad_out)
                 got = run()  # autotunes this mode's kernels
                 err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want))
                 row[mode] = dict(fwd_bwd=bench(run), grad_rel_err_vs_flex=err, configs={
