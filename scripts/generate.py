@@ -229,6 +229,7 @@ def run(args) -> int:
                     f.write(json.dumps(record) + "\n")
 
     state.wait_for_everyone()
+    code = 0
     if state.is_main_process:
         parts = sorted(out_dir.glob(f"{MANIFEST}.part-*"))
         merged = read_manifest([out_dir / MANIFEST, *parts])
@@ -241,8 +242,13 @@ def run(args) -> int:
             part.unlink()
         failed = sum(merged[item["file"]]["status"] != "ok" for item in items if item["file"] in merged)
         print(f"{len(items) - failed} ok, {failed} failed; manifest: {out_dir / MANIFEST}")
-        return 1 if failed else 0
-    return 0
+        code = 1 if failed else 0
+    if torch.distributed.is_initialized():
+        # Together and explicitly: a process that leaves its process group to interpreter exit can abort in the
+        # group's threads ("terminate called without an active exception") while another is still writing.
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
