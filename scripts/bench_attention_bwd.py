@@ -2,8 +2,8 @@
 FlexAttention (same block mask), cuDNN and FlashAttention-2 dense, in one run on CUDA.
 
 Each backward mode of the kernel is timed (`split`: a dq pass and a dk/dv pass; `fused`: one pass adding dq
-atomically), autotuned, and the parts of a split backward on their own: the transposed selection, delta and each
-kernel with its tuned config. A density's ideal is that share of the dense cuDNN time.
+atomically), autotuned, and the parts of a split backward on their own: delta, the transposed selection and the
+backward op (both kernels, with the configs autotuning chose). A density's ideal is that share of the dense cuDNN time.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ BWD_MODES = ("split", "fused")
 
 def _grad_fn(fn, q, k, v, g):
     """Forward and backward of fn(q, k, v) -> out with the output gradient g (the same for every kernel compared)."""
+    import torch
+
     def run():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), g)
     return run
@@ -33,12 +35,13 @@ def run_attention_backward(args, bench, random_selection, flex_block_mask, shape
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
 
-    def dense(backend, q, k, v, backward):
+    def dense(backend, q, k, v, grad_out=None):
+        """Dense attention through one SDPA backend: forward, or forward+backward when given an output gradient."""
         def fn(q, k, v):
             with sdpa_kernel(backend):
                 return sdpa(q, k, v)
         try:
-            run = _grad_fn(fn, q, k, v, grad_out) if backward else (lambda: fn(q, k, v))
+            run = (lambda: fn(q, k, v)) if grad_out is None else _grad_fn(fn, q, k, v, grad_out)
             run()
             return bench(run)
         except RuntimeError as exc:
@@ -50,7 +53,7 @@ def run_attention_backward(args, bench, random_selection, flex_block_mask, shape
         q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
         grad_out = torch.randn_like(q)
         nb = -(-N // bs)
-        base = {name: dict(fwd=dense(backend, q, k, v, False), fwd_bwd=dense(backend, q, k, v, True))
+        base = {name: dict(fwd=dense(backend, q, k, v), fwd_bwd=dense(backend, q, k, v, grad_out))
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION))}
         print(f"{shape}: N={N} H={H} D={D}  cuDNN {base['cudnn']} FA2 {base['fa2']}", flush=True)
         for dens in args.densities:
@@ -86,8 +89,7 @@ def run_attention_backward(args, bench, random_selection, flex_block_mask, shape
                   f"{row[best]['fwd_bwd']:.3f} ({best}) flex {row['flex']['fwd_bwd']:.3f} ideal "
                   f"{row['ideal_fwd_bwd']:.3f}; parts {row['parts']}", flush=True)
             rows.append(row)
-            del mask
-        del q, k, v
+        q = k = v = grad_out = mask = None  # free this shape's tensors before the next one
         torch.cuda.empty_cache()
 
     device, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
