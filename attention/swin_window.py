@@ -39,21 +39,33 @@ def _window_order(grid, window, shifted: bool) -> tuple[torch.Tensor, torch.Tens
     return order, torch.argsort(order)
 
 
-def temporal_swin_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],
-                            window: tuple[int, int, int], shifted: bool = False) -> torch.Tensor:
-    """Windowed attention of (B, H, tokens, D) q, k, v whose tokens are the frame-major `grid`; -> (B, H, tokens, D)."""
+def window_order(grid, window, shifted: bool, device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(order, inverse, block): tokens[order] puts the frame-major `grid`'s tokens window by window, each window
+    `block` consecutive tokens; windowed[inverse] puts them back."""
     grid, window = tuple(int(g) for g in grid), tuple(int(w) for w in window)
-    if q.shape[2] != grid[0] * grid[1] * grid[2]:
-        raise ValueError(f"{q.shape[2]} tokens do not make the grid {grid}")
-    order, inverse = (t.to(q.device) for t in _window_order(grid, window, shifted))
+    order, inverse = (t.to(device) for t in _window_order(grid, window, shifted))
     size = fitted_window(grid, window)
-    block = size[0] * size[1] * size[2]
-    n_windows = q.shape[2] // block
-    batch, heads = q.shape[:2]
+    return order, inverse, size[0] * size[1] * size[2]
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
+    """Attention of (B, H, tokens, D) q, k, v already in window order: each run of `block` tokens attends to itself."""
+    batch, heads, tokens = q.shape[:3]
+    n_windows = tokens // block
     own_block = torch.arange(n_windows, dtype=torch.int32, device=q.device)
     index = own_block.view(1, 1, -1, 1).expand(batch, heads, -1, 1).contiguous()
     count = torch.ones(batch, heads, n_windows, dtype=torch.int32, device=q.device)
     # Off CUDA the reference is the intended path, not a fallback to warn about.
     run = block_sparse_attention if q.is_cuda else reference.block_sparse_attention
-    out, _ = run(q[:, :, order], k[:, :, order], v[:, :, order], index, count, block_size=block)
+    return run(q, k, v, index, count, block_size=block)[0]
+
+
+def temporal_swin_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],
+                            window: tuple[int, int, int], shifted: bool = False) -> torch.Tensor:
+    """Windowed attention of (B, H, tokens, D) q, k, v whose tokens are the frame-major `grid`; -> (B, H, tokens, D)."""
+    grid = tuple(int(g) for g in grid)
+    if q.shape[2] != grid[0] * grid[1] * grid[2]:
+        raise ValueError(f"{q.shape[2]} tokens do not make the grid {grid}")
+    order, inverse, block = window_order(grid, window, shifted, q.device)
+    out = windowed_attention(q[:, :, order], k[:, :, order], v[:, :, order], block)
     return out[:, :, inverse]

@@ -62,6 +62,65 @@ def _tiny_inputs(frames=4, seed=0):
             torch.randn(2, 5, 16, generator=g))
 
 
+def _mamba_reference(branch, hidden, grid):
+    """The MA-branch by its definition: gather into the layer's scan order, review tokens as segment means, both
+    scans over [review, scan, review], gate, norm, project, gather back."""
+    order, inverse = rotary_major_order(grid, branch.layer_index)
+    scanned = hidden[:, order]
+    segment = torch.arange(scanned.shape[1]) * branch.review_count // scanned.shape[1]
+    review = torch.stack([scanned[:, segment == i].mean(1) for i in range(branch.review_count)], 1) + branch.review
+    sequence = torch.cat([review, scanned, review], 1)
+    z, xbc, dt = sequence @ branch.in_proj.weight.T + branch.in_proj.bias, None, None
+    z, xbc, dt = z.split([branch.inner, branch.inner + 2 * branch.state_size, 2 * branch.heads], -1)
+    dt_f, dt_b = dt.chunk(2, -1)
+    both = branch._scan(xbc, dt_f, 0) + branch._scan(xbc.flip(1), dt_b.flip(1), 1).flip(1)
+    y = branch.norm(both * F.silu(z))
+    r = branch.review_count
+    return branch.out_proj(y[:, r:-r])[:, inverse]
+
+
+@pytest.mark.parametrize("grid,layer", [((3, 4, 5), 0), ((3, 4, 5), 1), ((2, 3, 7), 2), ((5, 1, 3), 1)])
+def test_mamba_branch_equals_its_definition_with_gradients(grid, layer):
+    from t2v.models.mate import MambaBranch
+
+    torch.manual_seed(layer)
+    branch = MambaBranch(24, 2, state_size=8, review_tokens=3, layer_index=layer, chunk_size=8).double()
+    with torch.no_grad():
+        branch.out_proj.weight.normal_(0, 0.2)
+        branch.review.normal_()
+    hidden = torch.randn(2, int(np.prod(grid)), 24, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, int(np.prod(grid)), 24, dtype=torch.float64)
+    expected = _mamba_reference(branch, hidden, grid)
+    got = branch(hidden, grid)
+    # Float64, but the chunked scan's decay ratios amplify the summation-order differences of the review tokens.
+    assert ((got - expected).norm() / expected.norm()) < 1e-7
+    torch.testing.assert_close(branch(hidden, grid, residual=residual), got + residual)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), hidden)
+    (g_got,) = torch.autograd.grad(got.square().sum(), hidden)
+    assert ((g_got - g_expected).norm() / g_expected.norm()) < 1e-7
+    with pytest.raises(ValueError, match="grid"):
+        branch(hidden[:, 1:], grid)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_swin_processor_equals_windowed_attention_of_the_modules_own_q_k_v(shifted):
+    from attention.adapters.wan_style import project_qkv
+    from t2v.models.mate import TemporalSwinProcessor, _Holder
+
+    dit = randomised(VideoDiT(**TINY_DIT)).double()
+    attn, grid, window = dit.blocks[0].attn1, (4, 4, 6), (2, 2, 4)
+    video = torch.randn(1, 3, 4, 16, 24, dtype=torch.float64)  # patches of 4 x 4: the grid above
+    rotary = dit.rope(video)
+    hidden = torch.randn(1, int(np.prod(grid)), attn.heads * 12, dtype=torch.float64)
+    holder = _Holder()
+    holder.grid = grid
+    q, k, v = project_qkv(attn, hidden, rotary)
+    out = temporal_swin_attention(q, k, v, grid, window, shifted).transpose(1, 2).flatten(2, 3)
+    expected = attn.to_out[0](out)
+    got = TemporalSwinProcessor(holder, window, shifted)(attn, hidden, rotary_emb=rotary)
+    assert ((got - expected).norm() / expected.norm()) < 1e-10
+
+
 def test_a_converted_video_dit_keeps_its_weights_and_starts_as_windowed_attention():
     dit = randomised(VideoDiT(**TINY_DIT))
     mate = mate_model_from(dit, max_frames=16, mate_window=(4, 8, 8), mate_state_size=8, mate_review_tokens=2,

@@ -56,3 +56,23 @@ def test_triton_forward_and_backward_match_the_reference(N, M, D, bs, density, p
     assert rel(out.cpu(), ref_out) < tol and rel(lse.cpu(), ref_lse) < tol
     for got, want in zip(grads, ref_grads):
         assert rel(got.cpu(), want) < tol * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D,with_dlse", [(64, False), (64, True), (48, True)])  # 48: head dim padded to 64
+def test_triton_delta_matches_the_reference(dtype, D, with_dlse):
+    from attention.kernels import triton_delta as TD
+
+    g = torch.Generator().manual_seed(D + with_dlse)
+    N = 1000  # ragged: not a multiple of any row tile
+    out = torch.randn(2, 3, N, D, generator=g).to(dtype)
+    # dO as a transposed view (B, N, H, D) -> (B, H, N, D), like SDPA's; the dlse broadcast over heads (stride 0).
+    dout = torch.randn(2, N, 3, D, generator=g).to(dtype).transpose(1, 2)
+    dlse = torch.randn(2, 1, N, generator=g).expand(2, 3, N) if with_dlse else None
+    out, dout = out.to(DEVICE), dout.to(DEVICE)
+    dlse = None if dlse is None else dlse.to(DEVICE)
+    assert TD.delta_usable(dout, out, dlse)
+    got = torch.ops.t2v.attention_delta(dout, out, dlse)
+    want = TD.attention_delta_reference(dout, out, dlse)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, N) and got.is_contiguous()
+    assert rel(got.cpu(), want.cpu()) < 1e-5

@@ -20,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 
 from .triton_block_sparse_bwd import bsa_bwd_dkdv_kernel, bsa_bwd_dq_kernel, bsa_bwd_pooled_kernel
 from .triton_block_sparse_fwd import LOG2E, bsa_fwd_kernel
+from .triton_delta import attention_delta
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); tiles larger than the block size are dropped.
 # Picked from sm_90 compiler reports (no register spills at D=128); the first of each list is
@@ -237,14 +238,12 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, index, count, pk, pv, plw, out, lse = ctx.saved_tensors
-        # delta_i = dO_i . O_i, minus the lse gradient (d lse_i / d s_ij = P_ij).
-        delta = (dout.float() * out.float()).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.float()
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
+        # delta_i = dO_i . O_i, minus the lse gradient: a Triton pre-pass, without float32 copies of dO and O.
+        delta = attention_delta(dout, out, dlse)
         dq, dk, dv, dpk, dpv = torch.ops.t2v.block_sparse_attn_bwd(
-            dout, q, k, v, lse, delta.contiguous(), index, count, pk, pv, plw, ctx.block_size, ctx.scale)
+            dout, q, k, v, lse, delta, index, count, pk, pv, plw, ctx.block_size, ctx.scale)
         has_pool = pk is not None
         return (dq, dk, dv, None, None, dpk if has_pool else None, dpv if has_pool else None,
                 None, None, None)

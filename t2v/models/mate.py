@@ -28,7 +28,7 @@ from torch import nn
 
 from attention.adapters.wan_style import project_qkv
 from attention.kernels.scan_dispatch import linear_scan
-from attention.swin_window import temporal_swin_attention
+from attention.swin_window import window_order, windowed_attention
 
 # Innermost axis last: row neighbours, column neighbours, temporal neighbours adjacent in the scan, in turn.
 SCAN_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 2, 0))
@@ -57,10 +57,18 @@ class TemporalSwinProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  **kwargs):
-        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
-        out = temporal_swin_attention(query, key, value, self.holder.grid, self.window, self.shifted)
+        grid = self.holder.grid
+        if hidden_states.shape[1] != grid[0] * grid[1] * grid[2]:
+            raise ValueError(f"{hidden_states.shape[1]} tokens do not make the grid {grid}")
+        # The projections act token by token, so the tokens are put in window order before them (one reorder of
+        # the hidden states and the small rotary tables instead of three of q, k and v) and back after them.
+        order, inverse, block = window_order(grid, self.window, self.shifted, hidden_states.device)
+        if rotary_emb is not None:
+            rotary_emb = tuple(t[:, order] for t in rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states[:, order], rotary_emb)
+        out = windowed_attention(query, key, value, block)
         out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attn.to_out[1](attn.to_out[0](out))[:, inverse]
 
 
 class MambaBranch(nn.Module):
@@ -88,14 +96,12 @@ class MambaBranch(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def _review_tokens(self, scanned: torch.Tensor) -> torch.Tensor:
-        """The scan cut into review_count equal segments, each averaged, plus the learned embedding. (Summed with
-        index_add: CUDA's adaptive pooling cannot run its backward over 8k tokens of 1536 channels.)"""
+        """The scan cut into review_count equal segments, each averaged (summed in float32 without a float32 copy
+        of the scan), plus the learned embedding."""
         length, count = scanned.shape[1], self.review_count
-        segment = torch.arange(length, device=scanned.device) * count // length
-        sums = scanned.new_zeros(scanned.shape[0], count, scanned.shape[2], dtype=torch.float32)
-        sums = sums.index_add(1, segment, scanned.float())
-        sizes = torch.bincount(segment, minlength=count).clamp(min=1).to(sums.dtype)
-        return (sums / sizes[:, None]).to(scanned.dtype) + self.review.to(scanned.dtype)
+        bounds = [-(-i * length // count) for i in range(count + 1)]  # segment i: positions p with p*count//L == i
+        means = [scanned[:, a:b].sum(1, dtype=torch.float32) / max(b - a, 1) for a, b in zip(bounds, bounds[1:])]
+        return torch.stack(means, 1).to(scanned.dtype) + self.review.to(scanned.dtype)
 
     def _scan(self, xbc: torch.Tensor, dt: torch.Tensor, direction: int) -> torch.Tensor:
         """One direction over (B, L, channels) inputs already in its scan order -> (B, L, inner)."""
@@ -108,23 +114,41 @@ class MambaBranch(nn.Module):
         log_decay = dt * -torch.exp(self.A_log[direction].float())[:, None]
         b = b[:, None].expand(-1, self.heads, -1, -1)
         c = c[:, None].expand(-1, self.heads, -1, -1)
-        y, _ = linear_scan(c, b, (x.float() * dt[..., None]).to(x.dtype), log_decay, chunk_size=self.chunk_size)
+        y, _ = linear_scan(c, b, x * dt[..., None].to(x.dtype), log_decay, chunk_size=self.chunk_size)
         y = y.to(x.dtype) + x * self.D.to(x.dtype)[:, None, None]
         return y.transpose(1, 2).reshape(batch, length, self.inner)
 
-    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        order, inverse = (t.to(hidden_states.device) for t in rotary_major_order(tuple(grid), self.layer_index))
-        scanned = hidden_states[:, order]
-        review = self._review_tokens(scanned)
-        sequence = torch.cat([review, scanned, review], 1)  # the review tokens start both directions' scans
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The branch's output for the frame-major tokens of `grid` (B, L, dim), plus `residual` if given (added
+        while the output is put back in frame-major order, which saves a copy)."""
+        batch, length, dim = hidden_states.shape
+        if length != grid[0] * grid[1] * grid[2]:
+            raise ValueError(f"{length} tokens do not make the grid {grid}")
+        axes = SCAN_ORDERS[self.layer_index % len(SCAN_ORDERS)]  # the order of `rotary_major_order`, as a view
+        scan_grid = [grid[a] for a in axes]
+        r = self.review_count
+        # The review tokens start both directions' scans: [review, scan, review], filled in place (one copy).
+        sequence = hidden_states.new_empty(batch, length + 2 * r, dim)
+        sequence[:, r:r + length].view(batch, *scan_grid, dim).copy_(
+            hidden_states.view(batch, *grid, dim).permute(0, *(a + 1 for a in axes), 4))
+        review = self._review_tokens(sequence[:, r:r + length])
+        sequence[:, :r], sequence[:, r + length:] = review, review
         z, xbc, dt = self.in_proj(sequence).split([self.inner, self.inner + 2 * self.state_size, 2 * self.heads], -1)
         dt_forward, dt_backward = dt.chunk(2, -1)
         forward = self._scan(xbc, dt_forward, 0)
         backward = self._scan(xbc.flip(1), dt_backward.flip(1), 1).flip(1)
-        y = self.norm(((forward + backward) * F.silu(z)).float()).to(hidden_states.dtype)
-        r = self.review_count
-        out = self.out_proj(y[:, r:y.shape[1] - r])
-        return out[:, inverse]
+        gated = (forward + backward) * F.silu(z)
+        # A half-precision model's norm upcasts inside its fused kernel; under autocast (float32 weights) the input
+        # is upcast here, as the fused kernel wants one dtype.
+        same = gated.dtype == self.norm.weight.dtype
+        y = self.norm(gated if same else gated.float()).to(hidden_states.dtype)
+        out = self.out_proj(y[:, r:r + length]).view(batch, *scan_grid, dim)
+        back = [0] + [axes.index(a) + 1 for a in range(3)] + [4]
+        out = out.permute(*back)  # frame-major again, as a view
+        if residual is not None:
+            out = residual.view(batch, *grid, dim) + out
+        return out.reshape(batch, length, dim)
 
 
 class MateMixer(nn.Module):
@@ -138,4 +162,4 @@ class MateMixer(nn.Module):
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if self.holder.grid is None:
             raise RuntimeError("a MATE mixer was called outside its model's forward")
-        return self.temporal(hidden_states, None, None, rotary_emb) + self.mamba(hidden_states, self.holder.grid)
+        return self.mamba(hidden_states, self.holder.grid, residual=self.temporal(hidden_states, None, None, rotary_emb))
