@@ -171,6 +171,45 @@ def test_sparse_calls_are_skipped_or_computed_densely(pipe):
         attention.unregister_method("stand-in-sparse")
 
 
+def test_temporal_neighbour_mean_and_the_score_edit():
+    from t2v.guidance.temporal_self_guidance import temporal_neighbour_mean
+
+    tiles = torch.tensor([[f, h, w] for f in range(3) for h in range(2) for w in range(2)])  # 3 tile frames of 2 x 2
+    mean = temporal_neighbour_mean(tiles)
+    torch.testing.assert_close(mean.sum(1), torch.ones(12))
+    assert mean[0, 0] == mean[0, 4] == 0.5 and mean[4, 0] == mean[4, 4] == mean[4, 8] == pytest.approx(1 / 3)
+    assert mean[0].count_nonzero() == 2 and mean[5, 4] == 0  # same frame, other place: not a neighbour
+    scores = torch.rand(2, 3, 12, 7)
+    tsg = get_guidance("temporal-self-guidance", sparse_calls="scores", strength=0.4)
+    expected = scores + 0.4 * (torch.einsum("ij,bhjk->bhik", mean, scores) - scores)
+    torch.testing.assert_close(tsg.edit_scores(scores, tiles), expected)
+    with pytest.raises(ValueError, match="sparse_calls"):
+        get_guidance("fourier-motion", sparse_calls="scores")
+
+
+@pytest.mark.parametrize("method", ["xattention", "vmoba"])
+def test_score_guidance_keeps_sparse_calls_sparse_at_their_density(pipe, method):
+    from attention.methods.block_sparse import editing_block_scores, method_density
+
+    attention.apply(pipe.transformer, method, block_size=8, sparsity=0.75)
+    try:
+        plain = run(pipe)
+        plain_density = method_density(pipe.transformer)
+        tsg = dict(strength=0.9, steps=1.0, sparse_calls="scores")
+        guided = run(pipe, [get_guidance("temporal-self-guidance", **tsg)])
+        assert (guided - plain).abs().max() > 1e-4  # other blocks were selected
+        # As many of them, up to the own block (kept whatever its rank) falling out of the top more or less often.
+        assert method_density(pipe.transformer) == pytest.approx(plain_density, abs=0.01)
+        assert torch.equal(run(pipe, [get_guidance("temporal-self-guidance", **dict(tsg, strength=0.0))]), plain)
+        seen = []
+        with editing_block_scores(lambda scores, tiles: seen.append((scores.shape, tiles.shape)) or scores):
+            assert torch.equal(run(pipe), plain)  # an identity edit changes nothing
+        nqb = seen[0][0][2]
+        assert seen and all(s[2] == t[0] == nqb and t[1] == 3 for s, t in seen)
+    finally:
+        attention.remove(pipe.transformer)
+
+
 def test_cfg_entry_sets_the_scale_and_restores_the_guider(pipe):
     guider = pipe.guider
     torch.testing.assert_close(run(pipe, [get_guidance("cfg", scale=2.0)]), run(pipe, guidance_scale=2.0))

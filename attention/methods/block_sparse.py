@@ -8,6 +8,7 @@ tokens into 3D tiles (so a block is a compact space-time cube), runs the kernel,
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,36 @@ class Selection:
     pooled_k: torch.Tensor | None = None
     pooled_v: torch.Tensor | None = None
     pooled_log_weight: torch.Tensor | None = None
+
+
+class _ScoreEditor:
+    """The edit, if any, that the block-score maps of the calls now running go through before selection (set by
+    `editing_block_scores`; a plain holder rather than a context variable, so compiled selection code only guards
+    on it being None)."""
+
+    edit = None
+
+
+_SCORE_EDITOR = _ScoreEditor()
+
+
+@contextmanager
+def editing_block_scores(edit):
+    """Within the block, every selector passes its (B, H, NQB, K) block scores through `edit(scores, query_tiles)`
+    before it ranks them; `query_tiles` is the (NQB, 3) tile (f, h, w) index of each query block. Guidance that
+    acts on the map a sparse call has (its pooled scores) installs itself this way."""
+    before, _SCORE_EDITOR.edit = _SCORE_EDITOR.edit, edit
+    try:
+        yield
+    finally:
+        _SCORE_EDITOR.edit = before
+
+
+def edited_scores(scores: torch.Tensor, layout: VideoLayout, block_size: int) -> torch.Tensor:
+    """`scores` through the installed edit (unchanged when none is installed)."""
+    if _SCORE_EDITOR.edit is None:
+        return scores
+    return _SCORE_EDITOR.edit(scores, layout.block_coordinates(block_size, scores.device))
 
 
 def keep_top_fraction(scores: torch.Tensor, keep: float, always: torch.Tensor | None = None) -> torch.Tensor:

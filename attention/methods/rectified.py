@@ -49,7 +49,7 @@ from attention.layout import VideoLayout
 from attention.methods import SparseOptions
 from attention.methods.block_sparse import (
     BlockSparseMethod, Selection, block_token_counts, block_views, check_score_group, diagonal_blocks,
-    group_block_mass, keep_cumulative, keep_top_fraction, mean_pool_blocks,
+    edited_scores, group_block_mass, keep_cumulative, keep_top_fraction, mean_pool_blocks,
 )
 
 DEFAULT_SPARSITY = 0.75
@@ -126,6 +126,7 @@ class RectifiedSparseAttention(BlockSparseMethod):
         probabilities, dots = pooled_attention(q_pool, k_pool, key_counts, q.shape[-1] ** -0.5)
         own = diagonal_blocks(q_pool.shape[2], k_pool.shape[2], q.device)
         scores = probabilities if self.score_group == bs else group_block_mass(q, k, bs, self.score_group)
+        scores = edited_scores(scores, layout, bs)
         if self.threshold is not None:
             mask = keep_cumulative(scores, self.threshold, always=own)
         else:

@@ -44,7 +44,7 @@ import torch
 
 from attention.layout import VideoLayout, choose_tile
 from attention.methods.block_sparse import (BlockSparseMethod, Selection, block_token_counts, check_score_group,
-                                           group_block_mass, mean_pool_blocks)
+                                           edited_scores, group_block_mass, mean_pool_blocks)
 
 PARTITIONS = ("temporal", "spatial", "spatiotemporal")  # 1D, 2D, 3D; layer l uses PARTITIONS[l % 3]
 DEFAULT_THRESHOLD = 0.25  # the official default
@@ -167,6 +167,7 @@ class VMoBAMethod(BlockSparseMethod):
             weighted = members.float() * counts[:, None]  # (NKB, C)
             chunk_keys = torch.einsum("bhnd,nc->bhcd", mean_pool_blocks(k, bs), weighted) / weighted.sum(0)[:, None]
             scores = mean_pool_blocks(q, bs) @ chunk_keys.transpose(-1, -2)  # (B, H, NQB, C)
+        scores = edited_scores(scores, layout, bs)
         weights = block_token_counts(q.shape[2], bs, q.device)
         # Self-attention: query block i is key block i, so its own chunk is block i's.
         pairs = select_pairs(scores, members, self.threshold, self.sparsity, weights)

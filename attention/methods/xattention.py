@@ -16,8 +16,8 @@ import torch
 from attention.kernels import antidiagonal_block_scores
 from attention.layout import VideoLayout
 from attention.methods import SparseOptions
-from attention.methods.block_sparse import (BlockSparseMethod, Selection, diagonal_blocks, keep_cumulative,
-                                           keep_top_fraction)
+from attention.methods.block_sparse import (BlockSparseMethod, Selection, diagonal_blocks, edited_scores,
+                                           keep_cumulative, keep_top_fraction)
 
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_STRIDE = 8
@@ -49,7 +49,7 @@ class XAttention(BlockSparseMethod):
             # Everything is kept: no need to score.
             shape = (q.shape[0], q.shape[1], -(-q.shape[2] // bs), -(-k.shape[2] // bs))
             return Selection(torch.ones(shape, dtype=torch.bool, device=q.device))
-        scores = antidiagonal_block_scores(q, k, bs, self.stride)
+        scores = edited_scores(antidiagonal_block_scores(q, k, bs, self.stride), layout, bs)
         own = diagonal_blocks(scores.shape[2], scores.shape[3], q.device)
         if self.threshold is not None:
             return Selection(keep_cumulative(scores, self.threshold, always=own))

@@ -25,7 +25,9 @@ times its output.
 processor is there (the model's own, or an attention method's from `attention.apply`). Calls a sparse method would
 serve are left to it by default (`sparse_calls="skip"`): its kernel never forms the per-frame masses, and a pooled
 key block spans several frames, so no per-frame bias can be applied inside it exactly; `sparse_calls="dense"`
-computes those guided calls densely instead. Every call the guidance does not act in goes to the installed
+computes those guided calls densely instead; guidance that has a form for the map a sparse call does have, its
+pooled block scores, offers `sparse_calls="scores"`: the call stays sparse, at its own density, and its selector
+ranks edited scores (`attention.methods.block_sparse.editing_block_scores`). Every call the guidance does not act in goes to the installed
 processor untouched, so strength 0 (nothing installed) or a step outside `steps` is bitwise the unguided model.
 """
 
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from attention.adapters import find_family
 from attention.adapters.wan_style import project_qkv
 from attention.kernels import dense_attention, triton_usable
+from attention.methods.block_sparse import editing_block_scores
 from t2v.guidance.base import Guidance
 from t2v.models.block_dit import BlockVideoDiT
 
@@ -132,12 +135,14 @@ class TemporalMapGuidance(Guidance):
 
     order = 0
     reference_layer: int | None = None
+    sparse_modes = ("skip", "dense")  # a subclass with an `edit_scores` adds "scores"
 
     def __init__(self, strength: float, layers=None, steps=0.2, sparse_calls: str = "skip"):
         if not math.isfinite(float(strength)) or strength < 0:
             raise ValueError(f"{self.name}: strength must be a finite number >= 0, got {strength}")
-        if sparse_calls not in ("skip", "dense"):
-            raise ValueError(f"{self.name}: sparse_calls must be 'skip' or 'dense', got {sparse_calls!r}")
+        if sparse_calls not in self.sparse_modes:
+            raise ValueError(f"{self.name}: sparse_calls must be one of {', '.join(map(repr, self.sparse_modes))}, "
+                             f"got {sparse_calls!r}")
         if isinstance(steps, (int, float)) and not 0 < steps <= 1:
             raise ValueError(f"{self.name}: a fraction of steps must be in (0, 1], got {steps}")
         self.strength, self.layers, self.steps, self.sparse_calls = float(strength), layers, steps, sparse_calls
@@ -272,8 +277,13 @@ class _GuidedProcessor:
         plain = (encoder_hidden_states is None and attention_mask is None and not kwargs
                  and not attn.is_cross_attention and getattr(attn, "add_k_proj", None) is None)
         if (editors or recorders) and _runs_sparse(self.inner):
+            scorers = [g for g in editors if g.sparse_calls == "scores"]
             editors = [g for g in editors if g.sparse_calls == "dense"]
             recorders = [g for g in recorders if g.sparse_calls == "dense"]
+            if scorers and not (editors or recorders):  # the call stays sparse; its selector ranks edited scores
+                with editing_block_scores(functools.partial(_edit_scores, scorers)):
+                    return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                                      **kwargs)
         if not (editors or recorders) or not plain or c.frames is None or hidden_states.shape[1] != c.tokens:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
@@ -286,6 +296,12 @@ class _GuidedProcessor:
             target = guidance.edit(self.layer, target, mass, c.maps)
         out = mix_frames(within, target).transpose(1, 2).flatten(2, 3).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _edit_scores(guidance: list, scores: torch.Tensor, query_tiles: torch.Tensor) -> torch.Tensor:
+    for g in guidance:
+        scores = g.edit_scores(scores, query_tiles)
+    return scores
 
 
 def _set_processor(module, processor) -> None:

@@ -6,6 +6,12 @@ A <- A + alpha * (A_ref - A), makes the blocks agree and the clip steadier. In a
 resolution, so the reference is simply an earlier layer and the maps need no interpolation: each query token's
 frame masses (see `temporal_maps`) are blended toward the same token's masses in the reference layer. The
 reference is averaged over its heads, since head h of one layer has nothing to do with head h of another.
+
+A sparse call forms no per-frame masses, only its selector's pooled block scores, and a later layer's scores may
+be over other chunks than the reference layer's (VMoBA changes its partition by layer). With
+`sparse_calls="scores"` the reference of those calls is the map's own temporal window instead: each query block's
+scores are blended toward their mean over the query blocks at the same place in the neighbouring tiles in time, so
+consecutive tiles rank the same key blocks first (and each other's), at the call's own density.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ class TemporalSelfGuidance(TemporalMapGuidance):
     `reference_layer`, which `layers`, all after it, follow; default every later layer) or "window" (each query's
     own masses kept to the `span` key frames around its frame, the length the model was trained at by default:
     for clips longer than trained, a map of the kind the model knows; default layers: all). steps: the share of
-    steps it acts in, from the first (or step indices). sparse_calls: see `temporal_maps`."""
+    steps it acts in, from the first (or step indices). sparse_calls: "skip", "dense" (see `temporal_maps`) or
+    "scores" (the module docstring)."""
 
     name = "temporal-self-guidance"
     order = 0
+    sparse_modes = ("skip", "dense", "scores")
 
     def __init__(self, strength: float = 0.6, reference_layer: int = 1, layers=None, steps=0.2,
                  reference: str = "layer", span: int | None = None, sparse_calls: str = "skip"):
@@ -59,6 +67,11 @@ class TemporalSelfGuidance(TemporalMapGuidance):
             raise ValueError(f"{self.name}: layers {early} do not come after the reference layer "
                              f"{self.reference_layer}; only later layers can follow it")
 
+    def edit_scores(self, scores: torch.Tensor, query_tiles: torch.Tensor) -> torch.Tensor:
+        """A sparse call's (B, H, NQB, K) block scores blended toward their temporal neighbours' (module docstring)."""
+        mean = torch.einsum("ij,bhjk->bhik", temporal_neighbour_mean(query_tiles), scores.float())
+        return (scores + self.strength * (mean - scores)).to(scores.dtype)
+
     def edit(self, layer: int, target: torch.Tensor, original: torch.Tensor, maps: dict) -> torch.Tensor:
         if self.reference == "window":
             return target + self.strength * (windowed(target, self.span) - target)
@@ -66,6 +79,14 @@ class TemporalSelfGuidance(TemporalMapGuidance):
         if reference is None:  # the reference call was left to a sparse method: nothing exact to follow
             return target
         return target + self.strength * (reference.mean(1, keepdim=True) - target)
+
+
+def temporal_neighbour_mean(query_tiles: torch.Tensor) -> torch.Tensor:
+    """(NQB, NQB) float32: row i averages the query blocks at block i's tile place (h, w) whose tile frame index is
+    within one of its own (itself included)."""
+    frame, place = query_tiles[:, 0], query_tiles[:, 1:]
+    near = ((place[:, None] == place[None]).all(-1) & ((frame[:, None] - frame[None]).abs() <= 1)).float()
+    return near / near.sum(1, keepdim=True)
 
 
 def windowed(masses: torch.Tensor, span: int) -> torch.Tensor:
