@@ -131,7 +131,7 @@ class MambaBranch(nn.Module):
         # The review tokens start both directions' scans: [review, scan, review], filled in place (one copy).
         sequence = hidden_states.new_empty(batch, length + 2 * r, dim)
         sequence[:, r:r + length].view(batch, *scan_grid, dim).copy_(
-            hidden_states.view(batch, *grid, dim).permute(0, *(a + 1 for a in axes), 4))
+            hidden_states.reshape(batch, *grid, dim).permute(0, *(a + 1 for a in axes), 4))
         review = self._review_tokens(sequence[:, r:r + length])
         sequence[:, :r], sequence[:, r + length:] = review, review
         z, xbc, dt = self.in_proj(sequence).split([self.inner, self.inner + 2 * self.state_size, 2 * self.heads], -1)
@@ -147,7 +147,7 @@ class MambaBranch(nn.Module):
         back = [0] + [axes.index(a) + 1 for a in range(3)] + [4]
         out = out.permute(*back)  # frame-major again, as a view
         if residual is not None:
-            out = residual.view(batch, *grid, dim) + out
+            out = residual.reshape(batch, *grid, dim) + out
         return out.reshape(batch, length, dim)
 
 
