@@ -17,6 +17,8 @@ wrong.
 dense clips.
 `--method all` runs every registered method but dense, each with its settings in SWEEP_SETTINGS (or `--settings`),
 against one dense run.
+`--caches first-block mag` runs every setting once per diffusers step cache (`pipelines/caches.py`; `none` for a
+run without one), so `--method dense --caches mag taylorseer` measures what each cache alone costs against no cache.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=200, help="clips per pipeline call")
     p.add_argument("--dense-warmup-steps", type=int, default=None, help="passed to every setting")
     p.add_argument("--dense-layers", type=int, nargs="*", default=None, help="passed to every setting")
+    p.add_argument("--caches", nargs="*", default=["none"],
+                   help="step caches installed for each setting's run, one run per cache (none: without)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
     return p
@@ -77,10 +81,15 @@ def jobs(args) -> list[tuple[str, dict]]:
         extra["dense_warmup_steps"] = args.dense_warmup_steps
     if args.dense_layers is not None:
         extra["dense_layers"] = tuple(args.dense_layers)
+    from pipelines.caches import available_caches
+
+    unknown = sorted(set(args.caches) - {"none", *available_caches()})
+    if unknown:
+        raise SystemExit(f"unknown cache(s) {unknown}: choose from none, {', '.join(available_caches())}")
     out = []
     for name in names:
         settings = args.settings if args.settings is not None else SWEEP_SETTINGS.get(name, [""])
-        out += [(name, {**parse_options(s), **extra}) for s in (settings or [""])]
+        out += [(name, {**parse_options(s), **extra}, cache) for s in (settings or [""]) for cache in args.caches]
     return out
 
 
@@ -102,6 +111,7 @@ def main(argv=None):
     import attention
     from attention.methods.block_sparse import method_density
     from pipelines import load_pipeline
+    from pipelines.caches import install_cache, remove_cache
     from t2v.eval.scorer import score_suite
     from t2v.eval.suite import generate_suite, psnr
 
@@ -138,30 +148,34 @@ def main(argv=None):
         pipe = load_pipeline(args.sparse_model, device=args.device)
         pipe.set_progress_bar_config(disable=True)
         num_layers = len(pipe.transformer.blocks)
-    for name, options in runs:
+    for name, options, cache in runs:
+        label = name if cache == "none" else f"{name}+{cache}"
         try:
             attention.apply(pipe.transformer, name, **options)
+            if cache != "none":
+                install_cache(pipe.transformer, cache)
         except (ValueError, TypeError) as exc:
-            rows.append(dict(method=name, options=options, note=describe(exc)))
-            print(f"{name} {options}: skipped ({rows[-1]['note']})", flush=True)
+            attention.remove(remove_cache(pipe.transformer))
+            rows.append(dict(method=label, options=options, note=describe(exc)))
+            print(f"{label} {options}: skipped ({rows[-1]['note']})", flush=True)
             write_json(args.json, info, rows)
             continue
         try:
             clips, score, gen_s, score_s = generate(options.get("dense_warmup_steps", 0) + 1)
             density = method_density(pipe.transformer)  # the tally covers the last pipeline call
         except Exception as exc:  # report and go on with the other settings
-            rows.append(dict(method=name, options=options, note=describe(exc)))
-            print(f"{name} {options}: failed ({rows[-1]['note']})", flush=True)
+            rows.append(dict(method=label, options=options, note=describe(exc)))
+            print(f"{label} {options}: failed ({rows[-1]['note']})", flush=True)
             write_json(args.json, info, rows)
             continue
         finally:
-            attention.remove(pipe.transformer)
+            attention.remove(remove_cache(pipe.transformer))
         if density is None and name == "dense":
             density = 1.0
         values = np.array([min(psnr(a, b), PSNR_CAP) for a, b in zip(clips, dense_clips)])
-        rows.append(row_from(name, options, score, dense, density,
+        rows.append(row_from(label, options, score, dense, density,
                              effective_density(density, options, args.steps, num_layers), values, gen_s, score_s))
-        print(f"{name} {options}: " + row_line(rows[-1]), flush=True)
+        print(f"{label} {options}: " + row_line(rows[-1]), flush=True)
         write_json(args.json, info, rows)
     print(f"\n{args.split} suite, {args.prompts} prompts x {args.seeds} seeds, {args.steps} steps "
           f"({info['device']}, {info['dtype']}); points and PSNR against dense")

@@ -164,14 +164,28 @@ def test_sweep_runs_the_settings_on_another_pipeline_against_the_dense_clips(tmp
     assert dense_on_variant["psnr_mean"] < dense_on_model["psnr_mean"]
 
 
+def test_sweep_measures_a_step_cache_against_no_cache(tmp_path):
+    out = tmp_path / "caches.json"
+    sweep.main(["--method", "dense", "--caches", "none", "taylorseer", "--prompts", "2", "--seeds", "1", "--steps",
+                "8", "--frames", "4", "--batch-size", "2", "--device", "cpu", "--json", str(out)])
+    _, no_cache, cached = json.loads(out.read_text())["rows"]
+    assert no_cache["method"] == "dense" and cached["method"] == "dense+taylorseer"
+    assert no_cache["psnr_min"] == 100.0  # the model's own clips again
+    assert 10 < cached["psnr_mean"] < 100.0  # steps skipped: close to, but not, the uncached clips
+
+
 def test_sweep_settings_and_effective_density():
     args = sweep.build_parser().parse_args(["--method", "rectified", "--settings", "sparsity=0.75",
                                             "sparsity=0.85,rectify=false", "--dense-warmup-steps", "2",
                                             "--dense-layers", "0", "-1"])
     assert sweep.jobs(args) == [
-        ("rectified", {"sparsity": 0.75, "dense_warmup_steps": 2, "dense_layers": (0, -1)}),
-        ("rectified", {"sparsity": 0.85, "rectify": False, "dense_warmup_steps": 2, "dense_layers": (0, -1)}),
+        ("rectified", {"sparsity": 0.75, "dense_warmup_steps": 2, "dense_layers": (0, -1)}, "none"),
+        ("rectified", {"sparsity": 0.85, "rectify": False, "dense_warmup_steps": 2, "dense_layers": (0, -1)}, "none"),
     ]
+    args = sweep.build_parser().parse_args(["--method", "dense", "--caches", "none", "mag"])
+    assert sweep.jobs(args) == [("dense", {}, "none"), ("dense", {}, "mag")]
+    with pytest.raises(SystemExit, match="unknown cache"):
+        sweep.jobs(sweep.build_parser().parse_args(["--method", "dense", "--caches", "magic"]))
     options = {"dense_warmup_steps": 5, "dense_layers": (0, -1)}
     assert sweep.effective_density(0.2, options, 20, 8) == pytest.approx(0.75 * 0.75 * 0.2 + 1 - 0.75 * 0.75)
 
