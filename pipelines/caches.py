@@ -85,6 +85,12 @@ def available_caches() -> list[str]:
     return list(CACHES)
 
 
+def check_cache_name(name: str) -> None:
+    """ValueError, listing the known names, unless `install_cache` takes `name` (to fail before weights load)."""
+    if name not in CACHES:
+        raise ValueError(f"unknown cache {name!r}; known caches: {', '.join(CACHES)}")
+
+
 def _model_kind(transformer) -> str:
     """Which set of caches and settings applies: "block", "video-dit", "wan", "hunyuan", "cogvideox"; ValueError for
     another model."""
@@ -152,8 +158,7 @@ def install_cache(transformer, name: str, **options):
     """
     import diffusers.hooks
 
-    if name not in CACHES:
-        raise ValueError(f"unknown cache {name!r}; known caches: {', '.join(CACHES)}")
+    check_cache_name(name)
     spec = CACHES[name]
     kind = _model_kind(transformer)
     reason = _refusal(kind, name)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipelines.block_diffusion import BlockDiffusionPipeline
-from pipelines.caches import NOT_UNDER_CONTEXT_PARALLELISM, available_caches, install_cache
+from pipelines.caches import NOT_UNDER_CONTEXT_PARALLELISM, check_cache_name, install_cache
 from pipelines.parallel import KINDS as PARALLEL_KINDS, enable_context_parallel
 from pipelines.text_to_video import TextToVideoPipeline
 from t2v import TRAINED_ATTENTION_FILE  # a folder names the attention its weights were fine-tuned with; re-exported
@@ -204,8 +204,8 @@ def load_pipeline(
     elif attention_options:
         raise ValueError(f"attention options {sorted(attention_options)} given without an attention method")
     default_guidance = resolve_guidance(guidance)
-    if cache is not None and cache not in available_caches():
-        raise ValueError(f"unknown cache {cache!r}; known caches: {', '.join(available_caches())}")
+    if cache is not None:
+        check_cache_name(cache)
     if cache is None and cache_options:
         raise ValueError(f"cache options {sorted(cache_options)} given without a cache")
     if parallel is not None:

@@ -173,7 +173,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pipelines import load_pipeline
-    from pipelines.caches import available_caches
+    from pipelines.caches import check_cache_name
     from pipelines.loading import check_writable_dir
     from t2v.cli import UsageError, parse_option
 
@@ -186,8 +186,8 @@ def run(args) -> int:
         check_writable_dir(out_dir)  # before any generation
         if args.attention is not None:
             attention.get_method(args.attention)
-        if args.cache is not None and args.cache not in available_caches():
-            raise ValueError(f"unknown cache {args.cache!r}; known caches: {', '.join(available_caches())}")
+        if args.cache is not None:
+            check_cache_name(args.cache)
         cache_options = dict(parse_option(text, "--cache-option") for text in args.cache_option)
         if args.parallel and state.num_processes < 2:
             raise ValueError(f"--parallel {args.parallel} splits each video across several processes: launch them "

@@ -71,8 +71,8 @@ def build_parser():
     return p
 
 
-def jobs(args) -> list[tuple[str, dict]]:
-    """(method, options) per run, the shared adapter options added."""
+def jobs(args) -> list[tuple[str, dict, str]]:
+    """(method, options, cache) per run, the shared adapter options added; one run per cache."""
     import attention
 
     names = [m for m in attention.available_methods() if m != "dense"] if args.method == ["all"] else args.method
@@ -81,11 +81,13 @@ def jobs(args) -> list[tuple[str, dict]]:
         extra["dense_warmup_steps"] = args.dense_warmup_steps
     if args.dense_layers is not None:
         extra["dense_layers"] = tuple(args.dense_layers)
-    from pipelines.caches import available_caches
+    from pipelines.caches import check_cache_name
 
-    unknown = sorted(set(args.caches) - {"none", *available_caches()})
-    if unknown:
-        raise SystemExit(f"unknown cache(s) {unknown}: choose from none, {', '.join(available_caches())}")
+    for cache in set(args.caches) - {"none"}:
+        try:
+            check_cache_name(cache)
+        except ValueError as exc:
+            raise SystemExit(f"{exc} (or none)") from None
     out = []
     for name in names:
         settings = args.settings if args.settings is not None else SWEEP_SETTINGS.get(name, [""])
