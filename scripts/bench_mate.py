@@ -25,6 +25,8 @@ def add_mate_parser(sub):
     p.add_argument("--scan", action="store_true", help="time the scan backends alone instead")
     p.add_argument("--model-layers", type=int, default=30)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (checks the plumbing)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the MATE mixer's forward at the largest size by operator (torch.profiler)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run_mate)
 
@@ -98,11 +100,29 @@ def run_mate(args):
         print(f"{r['tokens']:>8}{fmt(r['dense_fwd_ms'], '.2f'):>11}{fmt(r['mate_fwd_ms'], '.2f'):>10}"
               f"{fmt(ratio('dense_fwd_ms', 'mate_fwd_ms'), '.1f'):>10}{fmt(r['dense_fwd_bwd_ms'], '.2f'):>11}"
               f"{fmt(r['mate_fwd_bwd_ms'], '.2f'):>10}{fmt(ratio('dense_fwd_bwd_ms', 'mate_fwd_bwd_ms'), '.1f'):>10}")
+    if args.profile:
+        _profile(mate, x, device)
     if not args.skip_model:
         model_rows = _whole_model(args, device, dtype, median_ms)
         info["model"] = model_rows
         write_json(args.json, info, rows_out)
     return rows_out
+
+
+def _profile(mate, x, device):
+    """Where one MATE forward spends its time: operators by their own device time (CPU time on the CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        mate(x, None, None, None)  # warm
+        with profile(activities=activities) as prof:
+            mate(x, None, None, None)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"MATE mixer forward at {x.shape[1]} tokens, by operator:")
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
 
 
 def _whole_model(args, device, dtype, median_ms):

@@ -265,6 +265,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if cfg.compile:
         # Fixed batch and fixed-length captions keep one graph; a block that fails to compile runs eagerly instead.
         torch._dynamo.config.suppress_errors = True
+        # A MATE block's graph depends on its layer (scan order, window shift): one graph per layer and grad mode.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(transformer.blocks))
         transformer.compile_repeated_blocks(fullgraph=True)
         if teacher is not None:
             teacher.transformer.compile_repeated_blocks(fullgraph=True)
