@@ -4,7 +4,8 @@ LinGen's TE-branch. The windows tile the (frames, rows, columns) token grid; in 
 half a window first (cyclically, as Swin's shift), so that tokens on a window's edge meet the neighbours across it
 every other layer. A window is a block selection: the tokens are reordered window by window, each window is one
 block, and each query block selects its own key block only, so the attention core's block-sparse kernel runs it
-(Triton forward and backward on a GPU, the PyTorch reference elsewhere).
+(Triton forward and backward on a GPU; elsewhere, and for float32 on a GPU, a batch of dense attentions over the
+windows, which equals it).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
-from attention.kernels import block_sparse_attention, reference
+from attention.kernels import block_sparse_attention
+from attention.kernels.dispatch import triton_usable
 
 
 def fitted_window(grid: tuple[int, int, int], window: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -52,12 +55,15 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block:
     """Attention of (B, H, tokens, D) q, k, v already in window order: each run of `block` tokens attends to itself."""
     batch, heads, tokens = q.shape[:3]
     n_windows = tokens // block
+    if not triton_usable(q, block):
+        # The PyTorch path: windows of equal size are a batch of small dense attentions (the block-sparse
+        # reference would compute the same, with gathers).
+        windows = [t.unflatten(2, (n_windows, block)) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*windows).flatten(2, 3)
     own_block = torch.arange(n_windows, dtype=torch.int32, device=q.device)
     index = own_block.view(1, 1, -1, 1).expand(batch, heads, -1, 1).contiguous()
     count = torch.ones(batch, heads, n_windows, dtype=torch.int32, device=q.device)
-    # Off CUDA the reference is the intended path, not a fallback to warn about.
-    run = block_sparse_attention if q.is_cuda else reference.block_sparse_attention
-    return run(q, k, v, index, count, block_size=block)[0]
+    return block_sparse_attention(q, k, v, index, count, block_size=block)[0]
 
 
 def temporal_swin_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],

@@ -7,7 +7,7 @@ projections around cuDNN SDPA, with Wan's q/k RMS norms) against one MATE mixer 
 Wan2.1-1.3B-sized VideoDiT and its MATE variant at the largest size (random weights).
 `--scan`: instead, the gated linear scan alone, per backend (the PyTorch chunked scan, our Triton forward, fla's
 `chunk_simple_gla` where installed) at the same token counts, 12 heads, state 64, values of 128, with each one's
-relative error against the PyTorch scan.
+relative error against the PyTorch scan; with --backward, forward+backward of the PyTorch scan and our Triton pair.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def add_mate_parser(sub):
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--skip-model", action="store_true", help="no whole-model forward")
     p.add_argument("--scan", action="store_true", help="time the scan backends alone instead")
+    p.add_argument("--backward", action="store_true",
+                   help="with --scan: forward+backward of the backends that have one, gradients against PyTorch's")
     p.add_argument("--model-layers", type=int, default=30)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (checks the plumbing)")
     p.add_argument("--profile", action="store_true",
@@ -158,7 +160,8 @@ def _whole_model(args, device, dtype, median_ms):
 
 
 def _scan_backends(args, device, dtype):
-    """ms of each scan backend at each size, forward only, and its relative error against the PyTorch scan."""
+    """ms of each scan backend at each size (forward, or forward+backward), and its relative error against the
+    PyTorch scan (of the output, or of the worst input gradient)."""
     import torch
 
     from attention.kernels import scan_dispatch
@@ -167,12 +170,15 @@ def _scan_backends(args, device, dtype):
 
     backends = {"torch": chunked_linear_scan}
     if device.type == "cuda" and scan_dispatch._TRITON is not None:
-        backends["triton"] = scan_dispatch._TRITON.linear_scan
-    fla = scan_dispatch._fla_chunk_simple_gla() if device.type == "cuda" else None
+        pair = scan_dispatch._TRITON_BWD.TritonLinearScan
+        backends["triton"] = ((lambda q, k, v, g: pair.apply(q, k, v, g, 64, None)) if args.backward
+                              else scan_dispatch._TRITON.linear_scan)
+    fla = scan_dispatch._fla_chunk_simple_gla() if device.type == "cuda" and not args.backward else None
     if fla is not None:
         backends["fla"] = lambda q, k, v, g: scan_dispatch._run_fla(fla, q, k, v, g, None)
     heads, state, width = (12, 64, 128) if not args.tiny else (2, 8, 16)
-    info = dict(run_info(device), heads=heads, state_size=state, value_size=width, backends=list(backends))
+    info = dict(run_info(device), heads=heads, state_size=state, value_size=width, backends=list(backends),
+                backward=args.backward)
     rows = []
     generator = torch.Generator(device).manual_seed(0)
     for size in args.sizes:
@@ -181,16 +187,24 @@ def _scan_backends(args, device, dtype):
                 for _ in range(2))
         v = torch.randn(1, heads, tokens, width, device=device, generator=generator).to(dtype)
         log_decay = -0.1 * torch.rand(1, heads, tokens, device=device, generator=generator)
+        d_out = torch.randn(v.shape, device=device, generator=generator).to(dtype)
+        inputs = [t.requires_grad_(args.backward) for t in (q, k, v, log_decay)]
         row = dict(size=size, tokens=tokens)
-        with torch.no_grad():
-            reference = chunked_linear_scan(q, k, v, log_decay)[0].float()
-            for name, scan in backends.items():
-                out = scan(q, k, v, log_decay)[0].float()
-                row[f"{name}_ms"] = median_ms(lambda: scan(q, k, v, log_decay), args.runs, 2, device)
-                row[f"{name}_error"] = ((out - reference).norm() / reference.norm()).item()
+
+        def run(scan):
+            if not args.backward:
+                with torch.no_grad():
+                    return [scan(*inputs)[0].float()]
+            return [g.float() for g in torch.autograd.grad(scan(*inputs)[0], inputs, d_out)]
+        reference = run(chunked_linear_scan)
+        for name, scan in backends.items():
+            got = run(scan)
+            row[f"{name}_ms"] = median_ms(lambda: run(scan), args.runs, 2, device)
+            row[f"{name}_error"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, reference))
         rows.append(row)
         write_json(args.json, info, rows)
-    print(f"{info['device']}: gated linear scan, forward, {heads} heads, state {state}, values {width}, {dtype}")
+    what = "forward+backward" if args.backward else "forward"
+    print(f"{info['device']}: gated linear scan, {what}, {heads} heads, state {state}, values {width}, {dtype}")
     print(f"{'tokens':>8}" + "".join(f"{name + ' ms':>12}{name + ' err':>12}" for name in backends))
     for r in rows:
         print(f"{r['tokens']:>8}" + "".join(f"{fmt(r[name + '_ms'], '.2f'):>12}{fmt(r[name + '_error'], '.1e'):>12}"

@@ -2,8 +2,9 @@
 
 Without gradients on CUDA (and outside a compiled graph): flash-linear-attention's ``chunk_simple_gla`` when it is
 installed, else our Triton forward when it takes the shape, else the PyTorch chunked scan. T2V_SCAN=triton skips fla,
-T2V_SCAN=torch skips both. With gradients it is always the PyTorch chunked scan: fla's gated backward does not run on
-the Triton (3.6) of our GPU machines, and our Triton version has no backward.
+T2V_SCAN=torch skips both. With gradients it is the PyTorch chunked scan (fla's gated backward does not run on the
+Triton 3.6 of our GPU machines), or with T2V_SCAN_GRAD=triton our Triton forward and backward
+(``triton_linear_scan_bwd``), opt-in until its speed is measured on a GPU.
 A backend that fails falls back to PyTorch with one warning and is not tried again for that kind of input.
 """
 
@@ -19,19 +20,20 @@ from .linear_scan import chunked_linear_scan
 
 
 def _import_triton_scan():
-    """Our Triton module, or None without CUDA or with a broken Triton (the PyTorch path must keep working)."""
+    """Our Triton modules (forward, backward), or Nones without CUDA or with a broken Triton (the PyTorch path must
+    keep working)."""
     if not torch.cuda.is_available():
-        return None
+        return None, None
     try:
-        from . import triton_linear_scan
-        return triton_linear_scan
+        from . import triton_linear_scan, triton_linear_scan_bwd
+        return triton_linear_scan, triton_linear_scan_bwd
     except Exception as error:
         warnings.warn(f"Triton linear scan unavailable ({error}); using PyTorch", RuntimeWarning)
-        return None
+        return None, None
 
 
 # Imported here, not on first use, as dispatch.py does: a compiled graph cannot trace an import.
-_TRITON = _import_triton_scan()
+_TRITON, _TRITON_BWD = _import_triton_scan()
 _fla = []  # [chunk_simple_gla or None] after the first look-up: importing fla is slow and CPU runs never need it
 _failed: set = set()
 
@@ -71,6 +73,10 @@ def _attempt(backend: str, key: tuple, run):
         return None
 
 
+def _triton_takes(q, v, chunk_size):
+    return _TRITON.linear_scan_usable(q, v) and 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0
+
+
 def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     """(out, final_state) of the gated linear scan; shapes and dtypes as ``linear_scan.chunked_linear_scan``.
 
@@ -78,6 +84,9 @@ def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     """
     tensors = [t for t in (q, k, v, log_decay, initial_state) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if (needs_grad and q.is_cuda and os.environ.get("T2V_SCAN_GRAD", "").lower() == "triton"
+            and _TRITON_BWD is not None and _triton_takes(q, v, chunk_size) and not torch.compiler.is_compiling()):
+        return _TRITON_BWD.TritonLinearScan.apply(q, k, v, log_decay, chunk_size, initial_state)
     if q.is_cuda and not needs_grad and not torch.compiler.is_compiling():
         choice = os.environ.get("T2V_SCAN", "").lower()
         key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], chunk_size)
@@ -86,8 +95,7 @@ def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
             result = _attempt("fla", key, lambda: _run_fla(fla_scan, q, k, v, log_decay, initial_state))
             if result is not None:
                 return result
-        if (choice != "torch" and _TRITON is not None and _TRITON.linear_scan_usable(q, v)
-                and 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0):
+        if choice != "torch" and _TRITON is not None and _triton_takes(q, v, chunk_size):
             result = _attempt("Triton", key,
                               lambda: _TRITON.linear_scan(q, k, v, log_decay, chunk_size, initial_state))
             if result is not None:

@@ -1,4 +1,5 @@
-"""Forward of the gated linear scan (``linear_scan.chunked_linear_scan``) in Triton, for inference (no backward).
+"""Forward of the gated linear scan (``linear_scan.chunked_linear_scan``) in Triton (its backward:
+``triton_linear_scan_bwd``).
 
 Three launches over chunks of T tokens of each (batch, head):
 1. per chunk: its state contribution U_c = sum_j exp(g_{j+1} + ... + g_last) k_j^T v_j and its total log decay;
@@ -50,7 +51,8 @@ def _chunk_update_kernel(K, V, G, Updates, Decay, H, L, NUM_CHUNKS, P,
 
 @triton.jit
 def _state_pass_kernel(Updates, Decay, Initial, Final, NUM_CHUNKS, SIZE,
-                       HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_INITIAL: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    # REVERSE: the same recurrence from the last chunk to the first (the backward's pass over state gradients).
     tile, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     entries = tile * BLOCK + tl.arange(0, BLOCK)
     mask = entries < SIZE
@@ -58,7 +60,8 @@ def _state_pass_kernel(Updates, Decay, Initial, Final, NUM_CHUNKS, SIZE,
         state = tl.load(Initial + bh * SIZE + entries, mask=mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros([BLOCK], tl.float32)
-    for chunk in range(NUM_CHUNKS):
+    for step in range(NUM_CHUNKS):
+        chunk = NUM_CHUNKS - 1 - step if REVERSE else step
         slot = bh * NUM_CHUNKS + chunk
         update = tl.load(Updates + slot * SIZE + entries, mask=mask, other=0.0)
         tl.store(Updates + slot * SIZE + entries, state, mask=mask)  # now the state entering this chunk
@@ -108,17 +111,33 @@ def linear_scan_usable(q: torch.Tensor, v: torch.Tensor) -> bool:
             and _pow2_between(q.shape[-1], 16, 128) and _pow2_between(v.shape[-1], 16, 128))
 
 
+def state_pass(updates, decay, initial, final, reverse=False):
+    """Overwrite each chunk's update in `updates` (B*H, C, N, P) with the state entering it (leaving it, reversed),
+    starting from `initial` (float32 (B, H, N, P) or None for zeros); the state after the last chunk goes to `final`."""
+    size = updates.shape[-2] * updates.shape[-1]
+    _state_pass_kernel[(triton.cdiv(size, STATE_TILE), updates.shape[0])](
+        updates, decay, final if initial is None else initial, final, updates.shape[1], size,
+        HAS_INITIAL=initial is not None, REVERSE=reverse, BLOCK=STATE_TILE)
+
+
 @torch.no_grad()
 def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     """(out, final_state): out (B, H, L, P) in v's dtype, final_state (B, H, N, P) float32; any input strides.
 
     q, k, v are cast to q's dtype for the matmuls (float32 inputs multiply in full float32, not TF32).
     """
+    out, final, _, _ = forward_with_states(q, k.to(q.dtype), v, log_decay, chunk_size, initial_state)
+    return out, final
+
+
+def forward_with_states(q, k, v, log_decay, chunk_size=64, initial_state=None):
+    """linear_scan's (out, final) plus what the backward reuses: the state entering each chunk (B*H, C, N, P) and
+    each chunk's total log decay (B*H, C), float32. k must be in q's dtype already."""
     if not _pow2_between(chunk_size, 16, 128):
         raise ValueError(f"chunk_size must be a power of two in 16..128, not {chunk_size}")
     B, H, L, N = q.shape
     P = v.shape[-1]
-    k, v_in = k.to(q.dtype), v.to(q.dtype)
+    v_in = v.to(q.dtype)
     num_chunks = triton.cdiv(L, chunk_size)
     updates = torch.empty(B * H, num_chunks, N, P, device=q.device, dtype=torch.float32)
     decay = torch.empty(B * H, num_chunks, device=q.device, dtype=torch.float32)
@@ -131,11 +150,8 @@ def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     if num_chunks:
         _chunk_update_kernel[grid](k, v_in, log_decay, updates, decay, H, L, num_chunks, P, *strides,
                                    T=chunk_size, N=N, BLOCK_P=block_p, PRECISION=precision)
-    initial = None if initial_state is None else initial_state.float().contiguous()
-    _state_pass_kernel[(triton.cdiv(N * P, STATE_TILE), B * H)](
-        updates, decay, final if initial is None else initial, final, num_chunks, N * P,
-        HAS_INITIAL=initial is not None, BLOCK=STATE_TILE)
+    state_pass(updates, decay, None if initial_state is None else initial_state.float().contiguous(), final)
     if num_chunks:
         _chunk_output_kernel[grid](q, k, v_in, log_decay, updates, out, H, L, num_chunks, P, *q.stride(), *strides,
                                    T=chunk_size, N=N, BLOCK_P=block_p, PRECISION=precision)
-    return out, final
+    return out, final, updates, decay
