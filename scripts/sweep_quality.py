@@ -83,7 +83,7 @@ def jobs(args) -> list[tuple[str, dict, str]]:
         extra["dense_layers"] = tuple(args.dense_layers)
     from pipelines.caches import check_cache_name
 
-    for cache in set(args.caches) - {"none"}:
+    for cache in sorted(set(args.caches) - {"none"}):
         try:
             check_cache_name(cache)
         except ValueError as exc:

@@ -167,6 +167,11 @@ def test_triton_backward_half_precision():
     assert out_g.dtype == torch.float16 and _rel(out_g.cpu(), out_e) < 3e-3
     for name, e, g, dtype in zip("qkvg", expected, got, [torch.float16] * 3 + [torch.float32]):
         assert g.grad.dtype == dtype and _rel(g.grad.cpu(), e.grad) < 3e-3, name
+    # Values in float32 beside 16-bit q and k: the output and dv keep v's dtype, as the scan's other backends do.
+    v32 = v.float().to(device).requires_grad_()
+    out_mixed, _ = TritonLinearScan.apply(got[0], got[1], v32, got[3], 64, None)
+    (out_mixed.double().cpu() * d_out).sum().backward()
+    assert out_mixed.dtype == torch.float32 and v32.grad.dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatch takes the Triton backward on CUDA only")

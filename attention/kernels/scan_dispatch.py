@@ -73,10 +73,6 @@ def _attempt(backend: str, key: tuple, run):
         return None
 
 
-def _triton_takes(q, v, chunk_size):
-    return _TRITON.linear_scan_usable(q, v) and 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0
-
-
 def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     """(out, final_state) of the gated linear scan; shapes and dtypes as ``linear_scan.chunked_linear_scan``.
 
@@ -85,7 +81,8 @@ def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     tensors = [t for t in (q, k, v, log_decay, initial_state) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if (needs_grad and q.is_cuda and os.environ.get("T2V_SCAN_GRAD", "").lower() == "triton"
-            and _TRITON_BWD is not None and _triton_takes(q, v, chunk_size) and not torch.compiler.is_compiling()):
+            and _TRITON_BWD is not None and _TRITON.linear_scan_usable(q, v, chunk_size)
+            and not torch.compiler.is_compiling()):
         return _TRITON_BWD.TritonLinearScan.apply(q, k, v, log_decay, chunk_size, initial_state)
     if q.is_cuda and not needs_grad and not torch.compiler.is_compiling():
         choice = os.environ.get("T2V_SCAN", "").lower()
@@ -95,7 +92,7 @@ def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
             result = _attempt("fla", key, lambda: _run_fla(fla_scan, q, k, v, log_decay, initial_state))
             if result is not None:
                 return result
-        if choice != "torch" and _TRITON is not None and _triton_takes(q, v, chunk_size):
+        if choice != "torch" and _TRITON is not None and _TRITON.linear_scan_usable(q, v, chunk_size):
             result = _attempt("Triton", key,
                               lambda: _TRITON.linear_scan(q, k, v, log_decay, chunk_size, initial_state))
             if result is not None:

@@ -104,11 +104,12 @@ def _pow2_between(x: int, low: int, high: int) -> bool:
     return low <= x <= high and x & (x - 1) == 0
 
 
-def linear_scan_usable(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernels take these inputs: CUDA, fp16/bf16/fp32, N and P powers of two in 16..128."""
+def linear_scan_usable(q: torch.Tensor, v: torch.Tensor, chunk_size: int = 64) -> bool:
+    """Whether the kernels take these inputs: CUDA, fp16/bf16/fp32, N, P and the chunk size powers of two in 16..128."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     return (q.is_cuda and v.is_cuda and q.dtype in dtypes and v.dtype in dtypes
-            and _pow2_between(q.shape[-1], 16, 128) and _pow2_between(v.shape[-1], 16, 128))
+            and _pow2_between(q.shape[-1], 16, 128) and _pow2_between(v.shape[-1], 16, 128)
+            and _pow2_between(chunk_size, 16, 128))
 
 
 def state_pass(updates, decay, initial, final, reverse=False):
@@ -126,32 +127,33 @@ def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
 
     q, k, v are cast to q's dtype for the matmuls (float32 inputs multiply in full float32, not TF32).
     """
-    out, final, _, _ = forward_with_states(q, k.to(q.dtype), v, log_decay, chunk_size, initial_state)
+    out, final, _, _ = forward_with_states(q, k.to(q.dtype), v.to(q.dtype), log_decay, chunk_size, initial_state,
+                                           out_dtype=v.dtype)
     return out, final
 
 
-def forward_with_states(q, k, v, log_decay, chunk_size=64, initial_state=None):
-    """linear_scan's (out, final) plus what the backward reuses: the state entering each chunk (B*H, C, N, P) and
-    each chunk's total log decay (B*H, C), float32. k must be in q's dtype already."""
+def forward_with_states(q, k, v, log_decay, chunk_size=64, initial_state=None, out_dtype=None):
+    """linear_scan's (out, final), out in `out_dtype` (default v's), plus what the backward reuses: the state
+    entering each chunk (B*H, C, N, P) and each chunk's total log decay (B*H, C), float32. k and v must be in q's
+    dtype already."""
     if not _pow2_between(chunk_size, 16, 128):
         raise ValueError(f"chunk_size must be a power of two in 16..128, not {chunk_size}")
     B, H, L, N = q.shape
     P = v.shape[-1]
-    v_in = v.to(q.dtype)
     num_chunks = triton.cdiv(L, chunk_size)
     updates = torch.empty(B * H, num_chunks, N, P, device=q.device, dtype=torch.float32)
     decay = torch.empty(B * H, num_chunks, device=q.device, dtype=torch.float32)
     final = torch.empty(B, H, N, P, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, H, L, P, device=q.device, dtype=v.dtype)
+    out = torch.empty(B, H, L, P, device=q.device, dtype=out_dtype or v.dtype)
     block_p = min(P, MAX_BLOCK_P)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # the latter unused: 16-bit inputs
-    strides = (*k.stride(), *v_in.stride(), *log_decay.stride())
+    strides = (*k.stride(), *v.stride(), *log_decay.stride())
     grid = (num_chunks, B * H, triton.cdiv(P, block_p))
     if num_chunks:
-        _chunk_update_kernel[grid](k, v_in, log_decay, updates, decay, H, L, num_chunks, P, *strides,
+        _chunk_update_kernel[grid](k, v, log_decay, updates, decay, H, L, num_chunks, P, *strides,
                                    T=chunk_size, N=N, BLOCK_P=block_p, PRECISION=precision)
     state_pass(updates, decay, None if initial_state is None else initial_state.float().contiguous(), final)
     if num_chunks:
-        _chunk_output_kernel[grid](q, k, v_in, log_decay, updates, out, H, L, num_chunks, P, *q.stride(), *strides,
+        _chunk_output_kernel[grid](q, k, v, log_decay, updates, out, H, L, num_chunks, P, *q.stride(), *strides,
                                    T=chunk_size, N=N, BLOCK_P=block_p, PRECISION=precision)
     return out, final, updates, decay

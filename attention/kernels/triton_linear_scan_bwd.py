@@ -136,7 +136,7 @@ class TritonLinearScan(torch.autograd.Function):
     def forward(ctx, q, k, v, log_decay, chunk_size, initial_state):
         k_in, v_in = k.to(q.dtype), v.to(q.dtype)
         out, final, states, decay = forward_kernels.forward_with_states(q, k_in, v_in, log_decay, chunk_size,
-                                                                         initial_state)
+                                                                         initial_state, out_dtype=v.dtype)
         ctx.save_for_backward(q, k_in, v_in, log_decay, states, decay, final)
         ctx.set_materialize_grads(False)  # the final state is mostly unused: no zero gradient made for it
         ctx.chunk_size, ctx.has_initial = chunk_size, initial_state is not None
