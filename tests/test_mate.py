@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention.kernels.linear_scan import chunked_linear_scan
 from attention.swin_window import fitted_window, temporal_swin_attention, window_ids
 from t2v.models import MateVideoDiT, VideoDiT
 from t2v.models.mate import SCAN_ORDERS, rotary_major_order
@@ -62,6 +63,20 @@ def _tiny_inputs(frames=4, seed=0):
             torch.randn(2, 5, 16, generator=g))
 
 
+def _direction_reference(branch, xbc, dt, direction):
+    """One scan direction by its definition, over inputs already in that direction's order."""
+    conv = branch.conv[direction]
+    xbc = F.silu(conv(F.pad(xbc.transpose(1, 2), (conv.kernel_size[0] - 1, 0))).transpose(1, 2))
+    x, b, c = xbc.split([branch.inner, branch.state_size, branch.state_size], -1)
+    x = x.unflatten(-1, (branch.heads, -1)).transpose(1, 2)
+    dt = F.softplus(dt + branch.dt_bias[direction]).transpose(1, 2)
+    log_decay = -dt * torch.exp(branch.A_log[direction])[:, None]
+    heads = (-1, branch.heads, -1, -1)
+    y, _ = chunked_linear_scan(c[:, None].expand(*heads), b[:, None].expand(*heads), x * dt[..., None], log_decay,
+                               chunk_size=5)
+    return (y + x * branch.D[:, None, None]).transpose(1, 2).flatten(2)
+
+
 def _mamba_reference(branch, hidden, grid):
     """The MA-branch by its definition: gather into the layer's scan order, review tokens as segment means, both
     scans over [review, scan, review], gate, norm, project, gather back."""
@@ -73,7 +88,8 @@ def _mamba_reference(branch, hidden, grid):
     z, xbc, dt = sequence @ branch.in_proj.weight.T + branch.in_proj.bias, None, None
     z, xbc, dt = z.split([branch.inner, branch.inner + 2 * branch.state_size, 2 * branch.heads], -1)
     dt_f, dt_b = dt.chunk(2, -1)
-    both = branch._scan(xbc, dt_f, 0) + branch._scan(xbc.flip(1), dt_b.flip(1), 1).flip(1)
+    both = (_direction_reference(branch, xbc, dt_f, 0)
+            + _direction_reference(branch, xbc.flip(1), dt_b.flip(1), 1).flip(1))
     y = branch.norm(both * F.silu(z))
     r = branch.review_count
     return branch.out_proj(y[:, r:-r])[:, inverse]

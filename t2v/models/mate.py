@@ -13,6 +13,8 @@ MA-branch (`MambaBranch`): Mamba2's selective state-space layer run forward and 
   S_t = exp(dt_t A) S_{t-1} + B_t^T (dt_t x_t), y_t = C_t S_t + D x_t (heads share B and C, as Mamba2's single
   group), run by `attention.kernels.scan_dispatch.linear_scan`: a chunked scan (fla or our Triton forward on a GPU,
   PyTorch with autograd to train). The two directions are summed, gated by SiLU(z), normalised and projected out.
+  The convolution (with its SiLU and the backward direction's reversal) and the sum-gate-norm are one pass each on
+  a GPU (`attention.kernels.mamba_ops`).
 TE-branch: the layer's Wan self-attention module with a processor that attends within windows
 (`attention.swin_window`), shifted in alternate layers.
 """
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention.adapters.wan_style import project_qkv
+from attention.kernels.mamba_ops import causal_conv_silu, gated_rms_norm
 from attention.kernels.scan_dispatch import linear_scan
 from attention.swin_window import window_order, windowed_attention
 
@@ -104,9 +107,10 @@ class MambaBranch(nn.Module):
         return torch.stack(means, 1).to(scanned.dtype) + self.review.to(scanned.dtype)
 
     def _scan(self, xbc: torch.Tensor, dt: torch.Tensor, direction: int) -> torch.Tensor:
-        """One direction over (B, L, channels) inputs already in its scan order -> (B, L, inner)."""
+        """One direction over (B, L, channels) inputs in forward order (dt already in this direction's order)
+        -> (B, L, inner) in this direction's order (reversed for the backward scan)."""
         conv = self.conv[direction]
-        xbc = F.silu(conv(F.pad(xbc.transpose(1, 2), (conv.kernel_size[0] - 1, 0))).transpose(1, 2))
+        xbc = causal_conv_silu(xbc, conv.weight[:, 0], conv.bias, reverse=direction == 1)
         x, b, c = xbc.split([self.inner, self.state_size, self.state_size], -1)
         batch, length, _ = x.shape
         x = x.reshape(batch, length, self.heads, -1).transpose(1, 2)  # (B, H, L, P)
@@ -137,12 +141,8 @@ class MambaBranch(nn.Module):
         z, xbc, dt = self.in_proj(sequence).split([self.inner, self.inner + 2 * self.state_size, 2 * self.heads], -1)
         dt_forward, dt_backward = dt.chunk(2, -1)
         forward = self._scan(xbc, dt_forward, 0)
-        backward = self._scan(xbc.flip(1), dt_backward.flip(1), 1).flip(1)
-        gated = (forward + backward) * F.silu(z)
-        # A half-precision model's norm upcasts inside its fused kernel; under autocast (float32 weights) the input
-        # is upcast here, as the fused kernel wants one dtype.
-        same = gated.dtype == self.norm.weight.dtype
-        y = self.norm(gated if same else gated.float()).to(hidden_states.dtype)
+        backward_reversed = self._scan(xbc, dt_backward.flip(1), 1)  # the convolution reverses xbc as it reads it
+        y = gated_rms_norm(forward, backward_reversed, z, self.norm.weight, self.norm.eps).to(hidden_states.dtype)
         out = self.out_proj(y[:, r:r + length]).view(batch, *scan_grid, dim)
         back = [0] + [axes.index(a) + 1 for a in range(3)] + [4]
         out = out.permute(*back)  # frame-major again, as a view
