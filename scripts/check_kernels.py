@@ -1,9 +1,9 @@
-"""GPU correctness check: Triton block-sparse attention, XAttention scoring and group block masses against the
-PyTorch references.
+"""GPU correctness check: Triton block-sparse attention, XAttention scoring, group block masses and MATE's fused
+Mamba steps against the PyTorch references.
 
 Fresh random inputs every run (the seed is printed). Outputs of the block-sparse kernel are filled
 with NaN before each launch, so any element left unwritten fails the check. Exits non-zero on
-any failure. Usage: python scripts/check_kernels.py [--seed S] [--skip-compile] [--only antidiagonal|group_mass]
+any failure. Usage: python scripts/check_kernels.py [--seed S] [--skip-compile] [--only antidiagonal|group_mass|fused_backward|mamba_ops]
 """
 
 import argparse
@@ -177,6 +177,32 @@ def check_fused_backward(T, bf, fp):
                   configs={"fused": cfg}, bwd_mode="fused")
 
 
+def check_mamba_ops():
+    """MATE's fused convolution and gate-norm at the Wan-width shape (inputs sliced from a projection, as the
+    branch passes them), both directions, against the float32 reference."""
+    from attention.kernels import mamba_ops
+    from attention.kernels import triton_mamba_ops as M
+
+    for dtype in (torch.bfloat16, torch.float32):
+        tokens, width, channels = 131_080, 1536, 1536 + 128
+        projection = torch.randn(1, tokens, 2 * width + 128 + 24, device=DEV, dtype=dtype)
+        z, xbc = projection[..., :width], projection[..., width:width + channels]
+        weight, bias = torch.randn(channels, 4, device=DEV) * 0.5, torch.randn(channels, device=DEV)
+        for reverse in (False, True):
+            got = M.causal_conv_silu(xbc, weight, bias, reverse)
+            ref = mamba_ops.causal_conv_silu_reference(xbc.float(), weight, bias, reverse)
+            e = rel(got, ref)
+            report(f"causal conv + SiLU {str(dtype)[6:]} {tokens} x {channels} reverse={reverse}",
+                   e < (1e-2 if dtype == torch.bfloat16 else 1e-5), f"rel {e:.2e}")
+        forward, backward = (torch.randn(1, tokens, width, device=DEV, dtype=dtype) for _ in range(2))
+        norm_weight = torch.rand(width, device=DEV) + 0.5
+        got = M.gated_rms_norm(forward, backward, z, norm_weight, 1e-6)
+        ref = mamba_ops.gated_rms_norm_reference(forward.float(), backward.float(), z.float(), norm_weight, 1e-6)
+        e = rel(got, ref)
+        report(f"gated RMSNorm {str(dtype)[6:]} {tokens} x {width}", e < (1e-2 if dtype == torch.bfloat16 else 1e-5),
+               f"rel {e:.2e}")
+
+
 def finish():
     print(f"\n{len(FAILS)} failure(s)" + (": " + ", ".join(FAILS) if FAILS else ""), flush=True)
     sys.exit(1 if FAILS else 0)
@@ -186,7 +212,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--skip-compile", action="store_true")
-    ap.add_argument("--only", choices=["antidiagonal", "group_mass", "fused_backward"],
+    ap.add_argument("--only", choices=["antidiagonal", "group_mass", "fused_backward", "mamba_ops"],
                     help="run only this group of checks")
     args = ap.parse_args()
     import triton
@@ -195,8 +221,8 @@ def main():
     print(f"seed {args.seed}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{torch.cuda.get_device_name()}", flush=True)
     bf, fp = torch.bfloat16, torch.float16
-    if args.only == "fused_backward":
-        check_fused_backward(T, bf, fp)
+    if args.only in ("fused_backward", "mamba_ops"):
+        check_fused_backward(T, bf, fp) if args.only == "fused_backward" else check_mamba_ops()
         finish()
     if args.only:
         from triton.testing import do_bench
@@ -231,6 +257,7 @@ def main():
     check("bf16 D128 N=3000 full density grads", make_case(1, 2, 3000, 3000, 128, 128, 1.0, bf))
 
     check_fused_backward(T, bf, fp)
+    check_mamba_ops()
 
     # Every tile config of every kernel, at both block sizes.
     for bs, N in ((64, 1000), (128, 2000)):

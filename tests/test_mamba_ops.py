@@ -81,11 +81,35 @@ def test_triton_gated_rms_norm_matches_the_reference(length, channels, dtype):
     assert ((got.cpu().double() - expected).norm() / expected.norm()).item() < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
-def test_the_dispatch_keeps_the_reference_where_gradients_are_needed(monkeypatch):
-    x = torch.randn(1, 6, 4, requires_grad=True)
-    weight = torch.randn(4, 4)
+def test_the_triton_versions_run_only_without_gradients(monkeypatch):
+    class CudaInput:  # what the dispatch reads of a tensor on a GPU
+        is_cuda, requires_grad = True, True
+
+        def stride(self, dim):
+            return 1
+
+    monkeypatch.setattr(mamba_ops, "_TRITON", object())
+    monkeypatch.delenv("T2V_MAMBA_OPS", raising=False)
+    assert not mamba_ops._use_triton(CudaInput())  # training: the differentiable reference
+    with torch.no_grad():
+        assert mamba_ops._use_triton(CudaInput())
+        monkeypatch.setenv("T2V_MAMBA_OPS", "torch")
+        assert not mamba_ops._use_triton(CudaInput())
+
+
+def test_a_failing_triton_version_falls_back_to_the_reference_once(monkeypatch):
     calls = []
-    monkeypatch.setattr(mamba_ops, "_TRITON", type("Fake", (), {"causal_conv_silu": lambda *a: calls.append(a)}))
-    out = mamba_ops.causal_conv_silu(x, weight, None)  # CPU and with gradients: the reference, differentiable
-    out.sum().backward()
-    assert not calls and x.grad is not None
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(mamba_ops, "_TRITON", type("Broken", (), {"causal_conv_silu": staticmethod(broken)}))
+    monkeypatch.setattr(mamba_ops, "_use_triton", lambda *tensors: True)
+    monkeypatch.setattr(mamba_ops, "_failed", set())
+    x, weight = torch.randn(1, 6, 4), torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning, match="causal_conv_silu"):
+        out = mamba_ops.causal_conv_silu(x, weight)
+    torch.testing.assert_close(out, mamba_ops.causal_conv_silu_reference(x, weight, None))
+    mamba_ops.causal_conv_silu(x, weight)  # ruled out: not tried again
+    assert len(calls) == 1
