@@ -358,6 +358,9 @@ def run_parallel(args):
                   f"slowest rank; speed-up: {('baseline ' + baseline['path']) if baseline else 'no --baseline'} "
                   f"ms / this ms ({info['device']}, {info['date']}, torch {info['torch']})")
             print(parallel_table(bench.rows, args.compile))
+        # Every rank's collectives finish before any rank tears its group down: a gloo rank that destroyed its group
+        # while the other's work was in flight has aborted at exit.
+        world.barrier()
         return bench.rows
     finally:
         world.close()
