@@ -14,6 +14,8 @@ tokens, and the output is gathered back onto every rank. Under Ulysses every att
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import torch
 
@@ -21,6 +23,21 @@ from attention import current_method
 from attention.context_parallel import ContextParallel
 
 KINDS = ("ulysses", "ring")
+
+
+def leave_process_group(code: int = 0):
+    """The end of a process of a torchrun launch that initialised torch.distributed: every rank meets, the process
+    group is torn down, and the process exits with `code` at once (output flushed first). A process left to the
+    interpreter's and C++ runtime's exit after a gloo group has now and then aborted one rank ("terminate called
+    without an active exception") after its work was done, failing the launch; an immediate exit skips that teardown.
+    Without an initialised group it only returns."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def enable_context_parallel(pipe_or_transformer, kind: str = "ulysses", degree: int | None = None):

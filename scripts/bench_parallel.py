@@ -92,10 +92,17 @@ class World:
             import torch.distributed as dist
             dist.barrier()
 
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
+    def close(self, exit_code: int | None) -> None:
+        """Tears down the group this process started: after a failure (exit_code None) only that, so the error goes
+        on; after success the rank ends here with exit_code (see `pipelines.parallel.leave_process_group`)."""
+        if not self.owns_group:
+            return
+        import torch.distributed as dist
+        if exit_code is None:
             dist.destroy_process_group()
+        else:
+            from pipelines.parallel import leave_process_group
+            leave_process_group(exit_code)
 
 
 def timed_ms(fn, runs: int, warmup: int, world: World) -> float:
@@ -358,12 +365,11 @@ def run_parallel(args):
                   f"slowest rank; speed-up: {('baseline ' + baseline['path']) if baseline else 'no --baseline'} "
                   f"ms / this ms ({info['device']}, {info['date']}, torch {info['torch']})")
             print(parallel_table(bench.rows, args.compile))
-        # Every rank's collectives finish before any rank tears its group down: a gloo rank that destroyed its group
-        # while the other's work was in flight has aborted at exit.
-        world.barrier()
-        return bench.rows
-    finally:
-        world.close()
+    except BaseException:
+        world.close(exit_code=None)
+        raise
+    world.close(exit_code=0)
+    return bench.rows
 
 
 def parallel_table(rows, compiled=False):

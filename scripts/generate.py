@@ -243,11 +243,8 @@ def run(args) -> int:
         failed = sum(merged[item["file"]]["status"] != "ok" for item in items if item["file"] in merged)
         print(f"{len(items) - failed} ok, {failed} failed; manifest: {out_dir / MANIFEST}")
         code = 1 if failed else 0
-    if torch.distributed.is_initialized():
-        # Together and explicitly: a process that leaves its process group to interpreter exit can abort in the
-        # group's threads ("terminate called without an active exception") while another is still writing.
-        state.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    from pipelines.parallel import leave_process_group
+    leave_process_group(code)  # under torchrun: together, and without the exit-time teardown that can abort a rank
     return code
 
 

@@ -187,7 +187,8 @@ def cmd_generate(args) -> None:
         export_video(frames, output, fps=args.fps)
         print(f"{output}  ({time.perf_counter() - start:.1f} s)")
     if args.parallel:
-        torch.distributed.destroy_process_group()
+        from pipelines.parallel import leave_process_group
+        leave_process_group(0)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

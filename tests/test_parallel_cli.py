@@ -39,12 +39,12 @@ def folder(tmp_path_factory):
     return path
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == expect, result.stderr[-3000:]
     return result
 
 
@@ -97,3 +97,14 @@ def test_without_a_launcher_the_commands_say_how_to_launch(folder, tmp_path, cap
                              "--model", str(folder), "--parallel", "ulysses"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert script.returncode == 2 and "launch them with `torchrun --nproc-per-node N`" in script.stderr
+
+
+def test_a_failed_item_of_a_split_batch_keeps_the_others_and_the_exit_code(folder, tmp_path):
+    # Every rank ends through leave_process_group: the batch's exit code must survive its immediate exit.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + json.dumps({"prompt": PROMPTS[1], "frames": 99})
+                       + "\n")
+    torchrun("scripts/generate.py", str(prompts), "--model", str(folder), *FAST, "--format", "gif",
+             "-o", str(tmp_path / "out"), "--parallel", "ulysses", expect=1)
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [record["status"] for record in records] == ["ok", "error"]
