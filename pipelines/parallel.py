@@ -5,6 +5,9 @@
     pipe = load_pipeline(device=f"cuda:{rank}")          # every rank loads the same pipeline
     enable_context_parallel(pipe)                        # Ulysses over the ranks of the world
     video = pipe(prompt, generator=torch.Generator().manual_seed(0)).frames[0]   # same call, same video everywhere
+    if torch.distributed.get_rank() == 0:
+        export_video(video, "out.mp4")
+    leave_process_group()                                # every rank meets and exits
 
 Each rank runs the whole call with the same inputs; inside the transformer every rank holds a share of the video's
 tokens, and the output is gathered back onto every rank. Under Ulysses every attention method of this project runs
