@@ -221,8 +221,11 @@ def main():
     print(f"seed {args.seed}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{torch.cuda.get_device_name()}", flush=True)
     bf, fp = torch.bfloat16, torch.float16
-    if args.only in ("fused_backward", "mamba_ops"):
-        check_fused_backward(T, bf, fp) if args.only == "fused_backward" else check_mamba_ops()
+    if args.only == "fused_backward":
+        check_fused_backward(T, bf, fp)
+        finish()
+    if args.only == "mamba_ops":
+        check_mamba_ops()
         finish()
     if args.only:
         from triton.testing import do_bench

@@ -217,10 +217,10 @@ def test_dispatch_failure_warns_once_and_is_not_retried():
     key = ("test", torch.float16, 16, 16, 64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert scan_dispatch._attempt("test backend", key, broken) is None
-        assert scan_dispatch._attempt("test backend", key, broken) is None
+        assert scan_dispatch.attempt("test backend", key, broken) is None
+        assert scan_dispatch.attempt("test backend", key, broken) is None
     assert len(calls) == 1 and len(caught) == 1 and "test backend" in str(caught[0].message)
-    assert scan_dispatch._attempt("test backend", ("other",), lambda: 7) == 7
+    assert scan_dispatch.attempt("test backend", ("other",), lambda: 7) == 7
 
 
 def test_chunked_ignores_autocast():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.kernels import mamba_ops
+from attention.kernels import mamba_ops, scan_dispatch
 
 
 def _conv_by_definition(x, weight, bias, reverse):
@@ -106,7 +106,7 @@ def test_a_failing_triton_version_falls_back_to_the_reference_once(monkeypatch):
 
     monkeypatch.setattr(mamba_ops, "_TRITON", type("Broken", (), {"causal_conv_silu": staticmethod(broken)}))
     monkeypatch.setattr(mamba_ops, "_use_triton", lambda *tensors: True)
-    monkeypatch.setattr(mamba_ops, "_failed", set())
+    monkeypatch.setattr(scan_dispatch, "_failed", set())
     x, weight = torch.randn(1, 6, 4), torch.randn(4, 3)
     with pytest.warns(RuntimeWarning, match="causal_conv_silu"):
         out = mamba_ops.causal_conv_silu(x, weight)

@@ -18,6 +18,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .scan_dispatch import attempt
+
 
 def causal_conv_silu_reference(x, weight, bias, reverse: bool = False):
     """(B, L, C) x, (C, K) weight, (C,) bias or None -> (B, L, C): out[t] = SiLU(bias + sum_j weight[:, j] *
@@ -54,35 +56,17 @@ def _import_triton_ops():
 _TRITON = _import_triton_ops()  # imported here: a compiled graph cannot trace an import
 
 
-_failed: set = set()
-
-
 def _use_triton(*tensors) -> bool:
     return (_TRITON is not None and tensors[0].is_cuda and os.environ.get("T2V_MAMBA_OPS", "").lower() != "torch"
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None))
             and not torch.compiler.is_compiling() and tensors[0].stride(-1) == 1)
 
 
-def _attempt(name: str, key: tuple, run):
-    """run() or None after a failure, which warns once and rules the Triton version out for inputs of this key."""
-    if (name, key) in _failed:
-        return None
-    try:
-        return run()
-    except torch.cuda.OutOfMemoryError:  # the reference would need more memory still
-        raise
-    except Exception as error:
-        _failed.add((name, key))
-        warnings.warn(f"{name}: Triton failed ({type(error).__name__}: {error}); using PyTorch", RuntimeWarning,
-                      stacklevel=3)
-        return None
-
-
 def causal_conv_silu(x, weight, bias=None, reverse: bool = False):
     """``causal_conv_silu_reference``'s result, fused in Triton where it runs (CUDA, no gradients)."""
     if _use_triton(x, weight, bias):
-        out = _attempt("causal_conv_silu", (x.dtype, weight.shape[-1]),
-                       lambda: _TRITON.causal_conv_silu(x, weight, bias, reverse))
+        out = attempt("causal_conv_silu: Triton", (x.dtype, weight.shape[-1]),
+                      lambda: _TRITON.causal_conv_silu(x, weight, bias, reverse))
         if out is not None:
             return out
     return causal_conv_silu_reference(x, weight, bias, reverse)
@@ -91,8 +75,8 @@ def causal_conv_silu(x, weight, bias=None, reverse: bool = False):
 def gated_rms_norm(forward, backward_reversed, z, weight, eps: float):
     """``gated_rms_norm_reference``'s result, fused in Triton where it runs (CUDA, no gradients)."""
     if _use_triton(forward, backward_reversed, z, weight) and backward_reversed.stride(-1) == z.stride(-1) == 1:
-        out = _attempt("gated_rms_norm", (forward.dtype, forward.shape[-1]),
-                       lambda: _TRITON.gated_rms_norm(forward, backward_reversed, z, weight, eps))
+        out = attempt("gated_rms_norm: Triton", (forward.dtype, forward.shape[-1]),
+                      lambda: _TRITON.gated_rms_norm(forward, backward_reversed, z, weight, eps))
         if out is not None:
             return out
     return gated_rms_norm_reference(forward, backward_reversed, z, weight, eps)

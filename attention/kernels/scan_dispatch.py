@@ -58,8 +58,9 @@ def _run_fla(chunk_simple_gla, q, k, v, log_decay, initial_state):
     return out.transpose(1, 2).to(v.dtype), final.float()
 
 
-def _attempt(backend: str, key: tuple, run):
-    """run() or None after a failure, which warns once and rules `backend` out for inputs of this `key`."""
+def attempt(backend: str, key: tuple, run):
+    """run() or None after a failure, which warns once and rules `backend` out for inputs of this `key` (shared by
+    the kernels that fall back to a PyTorch reference: the scan here, the Mamba steps in ``mamba_ops``)."""
     if (backend, key) in _failed:
         return None
     try:
@@ -68,8 +69,8 @@ def _attempt(backend: str, key: tuple, run):
         raise
     except Exception as error:
         _failed.add((backend, key))
-        warnings.warn(f"linear scan: {backend} failed ({type(error).__name__}: {error}); using PyTorch",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{backend} failed ({type(error).__name__}: {error}); using PyTorch", RuntimeWarning,
+                      stacklevel=3)
         return None
 
 
@@ -89,11 +90,11 @@ def linear_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
         key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], chunk_size)
         fla_scan = None if choice in ("triton", "torch") else _fla_chunk_simple_gla()
         if fla_scan is not None:
-            result = _attempt("fla", key, lambda: _run_fla(fla_scan, q, k, v, log_decay, initial_state))
+            result = attempt("linear scan: fla", key, lambda: _run_fla(fla_scan, q, k, v, log_decay, initial_state))
             if result is not None:
                 return result
         if choice != "torch" and _TRITON is not None and _TRITON.linear_scan_usable(q, v, chunk_size):
-            result = _attempt("Triton", key,
+            result = attempt("linear scan: Triton", key,
                               lambda: _TRITON.linear_scan(q, k, v, log_decay, chunk_size, initial_state))
             if result is not None:
                 return result
