@@ -55,6 +55,19 @@ def trained_attention(path: str | os.PathLike) -> tuple[str, dict] | None:
         raise ValueError(f"cannot read {config}: {error}") from error
 
 
+def trained_high_noise_model(path: str | os.PathLike) -> tuple[str, float] | None:
+    """(model, boundary_ratio) that attention_config.json names to run a fine-tuned folder's noisiest steps (its
+    `high_noise_model`: the dense model a sparse variant was distilled from), or None."""
+    config = Path(path) / TRAINED_ATTENTION_FILE
+    if not config.is_file():
+        return None
+    try:
+        lead = json.loads(config.read_text()).get("high_noise_model")
+        return None if lead is None else (str(lead["model"]), float(lead["boundary_ratio"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"cannot read {config}: {error}") from error
+
+
 def measured_quality(path: str | os.PathLike) -> str | None:
     """One line of a folder's measured quality (its quality.json), or None where none was shipped. Fields: accuracy
     and what it counts (`of`), clips, optionally the dense model's accuracy on the same clips and, for a sparse
@@ -184,8 +197,10 @@ def load_pipeline(
 
     attention: a registered attention method installed in every self-attention layer, with `attention_options`.
         None installs the method a fine-tuned folder names in attention_config.json (the one its weights were
-        trained with), else leaves the model's own; "dense" is plain attention in every case. `save_pretrained`
-        does not write that file: copy it along with a fine-tuned folder.
+        trained with), and the high-noise model it names there, if any (the shipped sparse variants: the dense
+        model runs the noisiest steps, where the clip's layout is decided), else leaves the model's own; a named
+        method runs alone, and "dense" is plain attention in every case. `save_pretrained` does not write that
+        file: copy it along with a fine-tuned folder.
     guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`. Only
         this project's pipelines take them: a diffusers pipeline runs its own classifier-free guidance.
     cache: a step cache of `pipelines.caches` (diffusers' FirstBlockCache, MagCache, ...) installed on every
@@ -221,9 +236,16 @@ def load_pipeline(
                          f"{path} holds diffusers' {cls.__name__}, which runs its own classifier-free guidance "
                          "(set guidance_scale)")
     trained = trained_attention(path) if attention is None else None
+    lead = trained_high_noise_model(path) if attention is None else None
     if trained is not None:
         attention, attention_options = trained
         attention_registry.get_method(attention)
+    if lead is not None:
+        if cls is not TextToVideoPipeline:
+            raise ValueError(f"{path}: a high-noise model is supported only by TextToVideoPipeline folders")
+        lead_path = resolve_model_path(lead[0])  # a missing or wrong model fails before the weights are read
+        if pipeline_class(lead_path) is not TextToVideoPipeline:
+            raise ValueError(f"{path}: its high-noise model {lead[0]!r} is not a TextToVideoPipeline folder")
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -234,6 +256,9 @@ def load_pipeline(
     diffusers_logging.set_verbosity_error()  # no notes about experimental guiders on every load
     try:
         pipe = cls.from_pretrained(path, dtype=dtype)
+        if lead is not None:
+            dense = TextToVideoPipeline.from_pretrained(lead_path, dtype=dtype)  # with the model's own attention
+            pipe.set_high_noise_model(dense.transformer, dense.text_encoder, lead[1])
     except OSError as error:
         raise OSError(f"could not load the model in {path}: {error}") from error
     except ImportError as error:  # diffusers' real-model pipelines need transformers for their text encoders

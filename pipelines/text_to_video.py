@@ -5,11 +5,16 @@ conditioning into the batches it needs (conditional, unconditional, ...), the tr
 the guider combines the predictions. Extra guidance objects (``guidance=[...]``) are called at the same points.
 A clip longer than the model was trained at gets ``position-interpolation`` unless the call passes
 ``interpolate_positions=False``.
+
+Like Wan 2.2's two experts, an optional high-noise model (``high_noise_transformer`` with its own
+``high_noise_text_encoder``) runs the steps whose timestep is at least ``boundary_ratio`` of the scheduler's training
+timesteps, and ``transformer`` the rest. The sparse variants use it so that the dense model they were distilled from
+lays out the clip, which is decided in the first, noisiest steps.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,8 +43,8 @@ class TextToVideoPipelineOutput(BaseOutput):
 
 
 class TextToVideoPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->transformer"
-    _optional_components = ["guider"]
+    model_cpu_offload_seq = "text_encoder->high_noise_text_encoder->high_noise_transformer->transformer"
+    _optional_components = ["guider", "high_noise_text_encoder", "high_noise_transformer"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -48,13 +53,58 @@ class TextToVideoPipeline(DiffusionPipeline):
         transformer: VideoDiT,
         scheduler: FlowMatchEulerDiscreteScheduler,
         guider: ClassifierFreeGuidance | None = None,
+        high_noise_text_encoder: TextEncoder | None = None,
+        high_noise_transformer: VideoDiT | None = None,
+        boundary_ratio: float | None = None,
     ):
         super().__init__()
         guider = guider if guider is not None else ClassifierFreeGuidance(guidance_scale=5.0)
         self.register_modules(text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, guider=guider)
+        self.set_high_noise_model(high_noise_transformer, high_noise_text_encoder, boundary_ratio)
         self.video_processor = VideoProcessor(vae_scale_factor=1)
         # Guidance objects used when a call passes no `guidance` (load_pipeline(guidance=...) sets them).
         self.default_guidance: list = []
+
+    def set_high_noise_model(self, transformer: VideoDiT | None, text_encoder: TextEncoder | None = None,
+                             boundary_ratio: float | None = None) -> None:
+        """Steps whose timestep is at least `boundary_ratio` x the scheduler's training timesteps run `transformer`
+        on `text_encoder`'s embeddings; the others run the pipeline's own. None removes the high-noise model."""
+        if transformer is None:
+            text_encoder, boundary_ratio = None, None
+        else:
+            if text_encoder is None or boundary_ratio is None:
+                raise ValueError("a high-noise transformer needs its text encoder and a boundary_ratio")
+            if not 0.0 < float(boundary_ratio) <= 1.0:
+                raise ValueError(f"boundary_ratio must be in (0, 1], got {boundary_ratio}")
+            boundary_ratio = float(boundary_ratio)
+            ours, theirs = self.transformer.config, transformer.config
+            shared = ("in_channels", "out_channels", "patch_size", "sample_frames", "sample_height", "sample_width")
+            different = [key for key in shared if ours.get(key) != theirs.get(key)]
+            if different:
+                raise ValueError(f"the high-noise transformer differs from the pipeline's in {', '.join(different)}")
+        self.register_modules(high_noise_text_encoder=text_encoder, high_noise_transformer=transformer)
+        self.register_to_config(boundary_ratio=boundary_ratio)
+
+    def high_noise_steps(self, timesteps: torch.Tensor) -> int:
+        """How many of the first `timesteps` the high-noise model runs (0 without one)."""
+        if self.high_noise_transformer is None:
+            return 0
+        boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
+        return int((timesteps >= boundary).sum())
+
+    @contextmanager
+    def _run_with(self, transformer, text_encoder):
+        """The pipeline's transformer and text encoder are these two for a phase of the steps (guidance objects and
+        caches find the model that runs as `pipeline.transformer`)."""
+        own = self.transformer, self.text_encoder
+        if transformer is own[0]:
+            yield
+            return
+        self.transformer, self.text_encoder = transformer, text_encoder
+        try:
+            yield
+        finally:
+            self.transformer, self.text_encoder = own
 
     @property
     def default_video_shape(self) -> tuple[int, int, int]:
@@ -130,6 +180,46 @@ class TextToVideoPipeline(DiffusionPipeline):
             state.noise_pred = prediction
             guider.cleanup_models(self.transformer)
 
+    def _denoise(self, latents, steps, conditioning, extra_guidance, guidance_scale, num_inference_steps,
+                 callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar):
+        """Runs `steps` of the scheduler's timesteps with `self.transformer`; returns the latents."""
+        prompt_embeds, prompt_mask, negative_embeds, negative_mask = conditioning
+        timesteps, batch, device = self.scheduler.timesteps, latents.shape[0], latents.device
+        start_generation(self.transformer, num_inference_steps)
+        # Guidance that hooks into the model is undone even when a step fails or the call is interrupted.
+        with ExitStack() as active_guidance:
+            for g in extra_guidance:
+                g.begin(self, num_inference_steps)
+                active_guidance.callback(g.end, self)
+            # After `begin`, so that a guidance object may set the guider ("cfg"); the call's own scale still wins.
+            guider = self.guider if guidance_scale is None else self.guider.new(guidance_scale=guidance_scale)
+            for i in steps:
+                t = timesteps[i]
+                guider.set_state(step=i, num_inference_steps=num_inference_steps, timestep=t)
+                guider_inputs = {
+                    "encoder_hidden_states": (prompt_embeds, negative_embeds),
+                    "encoder_attention_mask": (prompt_mask, negative_mask),
+                }
+                model_input = latents.to(self.transformer.dtype)
+                timestep = t.expand(batch).to(device)
+                guider_state = guider.prepare_inputs(guider_inputs)
+                # Caches that keep one state per module get every branch in one call (pipelines.caches).
+                predict = (self._predict_in_one_call if needs_one_call_per_step(self.transformer)
+                           else self._predict_each_branch)
+                predict(guider, guider_state, list(guider_inputs), model_input, timestep, i, t, extra_guidance)
+                noise_pred = guider(guider_state)[0]
+                for g in extra_guidance:
+                    noise_pred = g.adjust_prediction(self, i, t, noise_pred, latents)
+
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {name: latents for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+        return latents
+
     @torch.no_grad()
     def __call__(
         self,
@@ -163,11 +253,8 @@ class TextToVideoPipeline(DiffusionPipeline):
         if self._needs_position_interpolation(num_frames, extra_guidance, interpolate_positions):
             extra_guidance.append(PositionInterpolation())
 
-        prompt_embeds, prompt_mask = self.encode_prompt(prompts, num_videos_per_prompt, device)
         negative = negative_prompt if negative_prompt is not None else ""
         negatives = [negative] * len(prompts) if isinstance(negative, str) else negative
-        negative_embeds, negative_mask = self.encode_prompt(negatives, num_videos_per_prompt, device)
-
         batch = len(prompts) * num_videos_per_prompt
         shape = (batch, self.transformer.config.in_channels, num_frames, height, width)
         if latents is None:
@@ -178,39 +265,19 @@ class TextToVideoPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        start_generation(self.transformer, num_inference_steps)
-
-        # Guidance that hooks into the model is undone even when a step fails or the call is interrupted.
-        with ExitStack() as active_guidance, self.progress_bar(total=len(timesteps)) as progress_bar:
-            for g in extra_guidance:
-                g.begin(self, num_inference_steps)
-                active_guidance.callback(g.end, self)
-            # After `begin`, so that a guidance object may set the guider ("cfg"); the call's own scale still wins.
-            guider = self.guider if guidance_scale is None else self.guider.new(guidance_scale=guidance_scale)
-            for i, t in enumerate(timesteps):
-                guider.set_state(step=i, num_inference_steps=num_inference_steps, timestep=t)
-                guider_inputs = {
-                    "encoder_hidden_states": (prompt_embeds, negative_embeds),
-                    "encoder_attention_mask": (prompt_mask, negative_mask),
-                }
-                model_input = latents.to(self.transformer.dtype)
-                timestep = t.expand(batch).to(device)
-                guider_state = guider.prepare_inputs(guider_inputs)
-                # Caches that keep one state per module get every branch in one call (pipelines.caches).
-                predict = (self._predict_in_one_call if needs_one_call_per_step(self.transformer)
-                           else self._predict_each_branch)
-                predict(guider, guider_state, list(guider_inputs), model_input, timestep, i, t, extra_guidance)
-                noise_pred = guider(guider_state)[0]
-                for g in extra_guidance:
-                    noise_pred = g.adjust_prediction(self, i, t, noise_pred, latents)
-
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    callback_kwargs = {name: latents for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = outputs.pop("latents", latents)
-                progress_bar.update()
+        lead = self.high_noise_steps(timesteps)
+        phases = [(self.high_noise_transformer, self.high_noise_text_encoder, range(lead)),
+                  (self.transformer, self.text_encoder, range(lead, len(timesteps)))]
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for transformer, text_encoder, steps in phases:
+                if len(steps) == 0:
+                    continue
+                with self._run_with(transformer, text_encoder):
+                    conditioning = (*self.encode_prompt(prompts, num_videos_per_prompt, device),
+                                    *self.encode_prompt(negatives, num_videos_per_prompt, device))
+                    latents = self._denoise(latents, steps, conditioning, extra_guidance, guidance_scale,
+                                            num_inference_steps, callback_on_step_end,
+                                            callback_on_step_end_tensor_inputs, progress_bar)
 
         self.maybe_free_model_hooks()
 

@@ -14,7 +14,9 @@ identical clips count as 100 dB), and seconds
 (after a one-clip warm-up on GPU). The JSON also lists the captions and, per setting, the clips each attribute got
 wrong.
 `--sparse-model DIR` runs the settings on another pipeline (one fine-tuned with the method) against `--model`'s
-dense clips.
+dense clips, with the high-noise model its folder names, if any (the shipped variants: the dense model runs the
+noisiest steps; its steps count as dense in the effective density); `--without-high-noise-model` runs it alone,
+`--boundary-ratio R` moves its boundary (the steps at timestep >= R x 1000 run the high-noise model).
 `--method all` runs every registered method but dense, each with its settings in SWEEP_SETTINGS (or `--settings`),
 against one dense run.
 `--caches first-block mag` runs every setting once per diffusers step cache (`pipelines/caches.py`; `none` for a
@@ -64,6 +66,10 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=200, help="clips per pipeline call")
     p.add_argument("--dense-warmup-steps", type=int, default=None, help="passed to every setting")
     p.add_argument("--dense-layers", type=int, nargs="*", default=None, help="passed to every setting")
+    p.add_argument("--without-high-noise-model", action="store_true",
+                   help="run --sparse-model without the high-noise model its folder names")
+    p.add_argument("--boundary-ratio", type=float, default=None,
+                   help="the boundary of --sparse-model's high-noise model (default: its folder's)")
     p.add_argument("--caches", nargs="*", default=["none"],
                    help="step caches installed for each setting's run, one run per cache (none: without)")
     p.add_argument("--device", default=None)
@@ -95,11 +101,12 @@ def jobs(args) -> list[tuple[str, dict, str]]:
     return out
 
 
-def effective_density(density, options, steps, num_layers):
-    """Share of attention computed when warm-up steps and dense layers run dense and the rest at `density`."""
+def effective_density(density, options, steps, num_layers, lead_steps=0):
+    """Share of attention computed when a high-noise model's `lead_steps`, the method's warm-up steps after them
+    and dense layers run dense, and the rest at `density`."""
     if density is None:
         return None
-    warm = min(int(options.get("dense_warmup_steps", 0)), steps) / steps
+    warm = min(lead_steps + int(options.get("dense_warmup_steps", 0)), steps) / steps
     layers = options.get("dense_layers", ())
     layers = {int(i) % num_layers for i in ((layers,) if isinstance(layers, int) else layers)}
     sparse_share = (1 - warm) * (1 - len(layers) / num_layers)
@@ -148,8 +155,17 @@ def main(argv=None):
     if args.sparse_model:
         info["sparse_model"] = args.sparse_model
         pipe = load_pipeline(args.sparse_model, device=args.device)
+        if args.without_high_noise_model:
+            pipe.set_high_noise_model(None)
+        elif args.boundary_ratio is not None:
+            if getattr(pipe, "high_noise_transformer", None) is None:
+                raise SystemExit(f"--boundary-ratio: {args.sparse_model} names no high-noise model")
+            pipe.set_high_noise_model(pipe.high_noise_transformer, pipe.high_noise_text_encoder, args.boundary_ratio)
         pipe.set_progress_bar_config(disable=True)
         num_layers = len(pipe.transformer.blocks)
+    pipe.scheduler.set_timesteps(args.steps)
+    lead_steps = pipe.high_noise_steps(pipe.scheduler.timesteps) if hasattr(pipe, "high_noise_steps") else 0
+    info["high_noise_steps"] = lead_steps
     for name, options, cache in runs:
         label = name if cache == "none" else f"{name}+{cache}"
         try:
@@ -175,8 +191,8 @@ def main(argv=None):
         if density is None and name == "dense":
             density = 1.0
         values = np.array([min(psnr(a, b), PSNR_CAP) for a, b in zip(clips, dense_clips)])
-        rows.append(row_from(label, options, score, dense, density,
-                             effective_density(density, options, args.steps, num_layers), values, gen_s, score_s))
+        effective = effective_density(density, options, args.steps, num_layers, lead_steps)
+        rows.append(row_from(label, options, score, dense, density, effective, values, gen_s, score_s))
         print(f"{label} {options}: " + row_line(rows[-1]), flush=True)
         write_json(args.json, info, rows)
     print(f"\n{args.split} suite, {args.prompts} prompts x {args.seeds} seeds, {args.steps} steps "

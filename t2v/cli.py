@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_list(args) -> None:
     import attention
     from pipelines.caches import CACHES
-    from pipelines.loading import available_models, measured_quality, pipeline_class, trained_attention
+    from pipelines.loading import (available_models, measured_quality, pipeline_class, trained_attention,
+                                   trained_high_noise_model)
     from t2v import EMBEDDED_MODEL
     from t2v.guidance import available_guidance
 
@@ -106,6 +107,9 @@ def cmd_list(args) -> None:
                     if pipeline_class(path).__name__ == "BlockDiffusionPipeline"
                     else f"MATE token mixer: linear cost, up to {transformer.get('max_frames')} frames"
                     if transformer.get("_class_name") == "MateVideoDiT" else "a variant")
+            lead = trained_high_noise_model(path)
+            if lead:
+                note += f"; {lead[0]} runs the noisiest steps, timestep >= {lead[1]:.0%} of the schedule's"
             quality = measured_quality(path)
         except (OSError, ValueError) as error:
             note, quality = str(error), None

@@ -162,6 +162,14 @@ def test_sweep_runs_the_settings_on_another_pipeline_against_the_dense_clips(tmp
     assert data["sparse_model"] == "t2v-tiny-vmoba" and dense_on_variant["n_clips"] == 2
     # Dense attention on the fine-tuned weights: not the model's own clips again.
     assert dense_on_variant["psnr_mean"] < dense_on_model["psnr_mean"]
+    # The variant's folder names the dense model for its noisiest steps: the first of two here.
+    assert data["high_noise_steps"] == 1
+    alone = tmp_path / "alone.json"
+    sweep.main([*common, "--sparse-model", "t2v-tiny-vmoba", "--without-high-noise-model", "--json", str(alone)])
+    data = json.loads(alone.read_text())
+    assert data["high_noise_steps"] == 0 and data["rows"][1]["psnrs"] != dense_on_variant["psnrs"]
+    with pytest.raises(SystemExit, match="names no high-noise model"):
+        sweep.main([*common, "--sparse-model", "t2v-tiny", "--boundary-ratio", "0.9"])
 
 
 def test_sweep_measures_a_step_cache_against_no_cache(tmp_path):
@@ -188,6 +196,9 @@ def test_sweep_settings_and_effective_density():
         sweep.jobs(sweep.build_parser().parse_args(["--method", "dense", "--caches", "magic"]))
     options = {"dense_warmup_steps": 5, "dense_layers": (0, -1)}
     assert sweep.effective_density(0.2, options, 20, 8) == pytest.approx(0.75 * 0.75 * 0.2 + 1 - 0.75 * 0.75)
+    # a high-noise model's 6 steps come first, the method's 5 warm-up steps after them: 9 of 20 steps sparse
+    assert sweep.effective_density(0.2, options, 20, 8, lead_steps=6) == pytest.approx(
+        0.45 * 0.75 * 0.2 + 1 - 0.45 * 0.75)
 
 
 def test_gpu_record_script_parses():

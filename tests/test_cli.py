@@ -27,6 +27,7 @@ def test_list_shows_models_and_methods():
     # A sparse variant states its tail beside its mean (read from the quality.json it ships with).
     vmoba = result.stdout.split("t2v-tiny-vmoba (")[1].split("\n  t2v-tiny")[0]
     assert "measured: " in vmoba and "dB from the dense model's clip" in vmoba and "under 20 dB" in vmoba
+    assert "; t2v-tiny runs the noisiest steps, timestep >= 93% of the schedule's" in vmoba
     assert "attention methods:\n  dense" in result.stdout
     assert "guidance methods" in result.stdout
 
