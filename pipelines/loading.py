@@ -43,29 +43,29 @@ def available_models() -> dict[str, Path]:
     return {name: embedded_model_path(name) for name in names if embedded_model_path(name).is_dir()}
 
 
-def trained_attention(path: str | os.PathLike) -> tuple[str, dict] | None:
-    """(method, options) a pipeline folder's weights were fine-tuned with, or None for the model's own attention."""
+def _read_trained(path: str | os.PathLike, read):
+    """`read` of a folder's attention_config.json (None without one); a malformed file names its path."""
     config = Path(path) / TRAINED_ATTENTION_FILE
     if not config.is_file():
         return None
     try:
-        data = json.loads(config.read_text())
-        return str(data["method"]), dict(data.get("options", {}))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        return read(json.loads(config.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"cannot read {config}: {error}") from error
+
+
+def trained_attention(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(method, options) a pipeline folder's weights were fine-tuned with, or None for the model's own attention."""
+    return _read_trained(path, lambda data: (str(data["method"]), dict(data.get("options", {}))))
 
 
 def trained_high_noise_model(path: str | os.PathLike) -> tuple[str, float] | None:
     """(model, boundary_ratio) that attention_config.json names to run a fine-tuned folder's noisiest steps (its
     `high_noise_model`: the dense model a sparse variant was distilled from), or None."""
-    config = Path(path) / TRAINED_ATTENTION_FILE
-    if not config.is_file():
-        return None
-    try:
-        lead = json.loads(config.read_text()).get("high_noise_model")
+    def read(data):
+        lead = data.get("high_noise_model")
         return None if lead is None else (str(lead["model"]), float(lead["boundary_ratio"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"cannot read {config}: {error}") from error
+    return _read_trained(path, read)
 
 
 def measured_quality(path: str | os.PathLike) -> str | None:

@@ -97,7 +97,7 @@ class TextToVideoPipeline(DiffusionPipeline):
         """The pipeline's transformer and text encoder are these two for a phase of the steps (guidance objects and
         caches find the model that runs as `pipeline.transformer`)."""
         own = self.transformer, self.text_encoder
-        if transformer is own[0]:
+        if transformer is own[0]:  # the pipeline's own model: left alone, so a callback that swaps it keeps its swap
             yield
             return
         self.transformer, self.text_encoder = transformer, text_encoder
