@@ -56,7 +56,8 @@ def _read_trained(path: str | os.PathLike, read):
 
 def trained_attention(path: str | os.PathLike) -> tuple[str, dict] | None:
     """(method, options) a pipeline folder's weights were fine-tuned with, or None for the model's own attention."""
-    return _read_trained(path, lambda data: (str(data["method"]), dict(data.get("options", {}))))
+    return _read_trained(path, lambda data: (str(data["method"]), dict(data.get("options", {})))
+                         if "method" in data else None)
 
 
 def trained_high_noise_model(path: str | os.PathLike) -> tuple[str, float] | None:
@@ -65,6 +66,15 @@ def trained_high_noise_model(path: str | os.PathLike) -> tuple[str, float] | Non
     def read(data):
         lead = data.get("high_noise_model")
         return None if lead is None else (str(lead["model"]), float(lead["boundary_ratio"]))
+    return _read_trained(path, read)
+
+
+def trained_opening_model(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(model, frames) that attention_config.json names to make a block model's first frames (its
+    `opening_model`: a bidirectional model at the length it was trained at), or None."""
+    def read(data):
+        opening = data.get("opening_model")
+        return None if opening is None else (str(opening["model"]), int(opening["frames"]))
     return _read_trained(path, read)
 
 
@@ -199,7 +209,8 @@ def load_pipeline(
         None installs the method a fine-tuned folder names in attention_config.json (the one its weights were
         trained with), and the high-noise model it names there, if any (the shipped sparse variants: the dense
         model runs the noisiest steps, where the clip's layout is decided), else leaves the model's own; a named
-        method runs alone, and "dense" is plain attention in every case. `save_pretrained` does not write that
+        method runs alone, and "dense" is plain attention in every case. An opening model named there (the block
+        model's: the dense model makes a clip's first 16 frames) is attached whatever the method. `save_pretrained` does not write that
         file: copy it along with a fine-tuned folder.
     guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`. Only
         this project's pipelines take them: a diffusers pipeline runs its own classifier-free guidance.
@@ -237,6 +248,7 @@ def load_pipeline(
                          "(set guidance_scale)")
     trained = trained_attention(path) if attention is None else None
     lead = trained_high_noise_model(path) if attention is None else None
+    opening = trained_opening_model(path)
     if trained is not None:
         attention, attention_options = trained
         attention_registry.get_method(attention)
@@ -246,6 +258,12 @@ def load_pipeline(
         lead_path = resolve_model_path(lead[0])  # a missing or wrong model fails before the weights are read
         if pipeline_class(lead_path) is not TextToVideoPipeline:
             raise ValueError(f"{path}: its high-noise model {lead[0]!r} is not a TextToVideoPipeline folder")
+    if opening is not None:
+        if cls is not BlockDiffusionPipeline:
+            raise ValueError(f"{path}: an opening model is supported only by BlockDiffusionPipeline folders")
+        opening_path = resolve_model_path(opening[0])
+        if pipeline_class(opening_path) is not TextToVideoPipeline:
+            raise ValueError(f"{path}: its opening model {opening[0]!r} is not a TextToVideoPipeline folder")
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -259,6 +277,9 @@ def load_pipeline(
         if lead is not None:
             dense = TextToVideoPipeline.from_pretrained(lead_path, dtype=dtype)  # with the model's own attention
             pipe.set_high_noise_model(dense.transformer, dense.text_encoder, lead[1])
+        if opening is not None:
+            opener = TextToVideoPipeline.from_pretrained(opening_path, dtype=dtype)
+            pipe.set_opening_model(opener.transformer, opener.text_encoder, opening[1])
     except OSError as error:
         raise OSError(f"could not load the model in {path}: {error}") from error
     except ImportError as error:  # diffusers' real-model pipelines need transformers for their text encoders

@@ -4,10 +4,12 @@
     python scripts/evaluate_long.py --ground-truth --frames 64   # the world's own clips: the scorer's ceiling
     python scripts/evaluate_long.py --model t2v-tiny-block --attention flashblock --attention-option refresh_every=4 \
         --compare   # also without the method, same seeds: PSNR of each clip against its twin
+    python scripts/evaluate_long.py --model t2v-tiny-block --without-opening-model   # the block model from frame 0
 
 Every-window columns count a clip right only if it is right in every window (about 16 frames, never across a
 "then"); "chained" is colour+motion over the chained prompts alone; "boundary" is how much frames change across
-chunk boundaries over how much they change inside chunks (1 = as smooth).
+chunk boundaries over how much they change inside chunks (1 = as smooth). A block folder's opening model
+(`t2v-tiny-block`'s: `t2v-tiny` makes the first 16 frames) runs as `load_pipeline` attaches it.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def main(argv=None) -> list[dict]:
                         help="an option of the method (repeatable)")
     parser.add_argument("--compare", action="store_true",
                         help="also run without the method on the same seeds, and give each clip's PSNR against it")
+    parser.add_argument("--without-opening-model", action="store_true",
+                        help="the block model makes the whole clip (not only what follows the opening model's frames)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.compare and args.attention is None:
@@ -111,6 +115,9 @@ def main(argv=None) -> list[dict]:
 
         pipe = load_pipeline(args.model, device=args.device, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
+        if args.without_opening_model and hasattr(pipe, "set_opening_model"):
+            pipe.set_opening_model(None)
+        opening = getattr(pipe, "opening_transformer", None) is not None
         chunk_frames = getattr(pipe, "chunk_frames", 4)
         options = dict(parse_option(text) for text in args.attention_option)
         results = []
@@ -128,6 +135,7 @@ def main(argv=None) -> list[dict]:
             results.append(result)
     for r in results:  # what the table came from, in the JSON
         r.update(model="ground truth" if args.ground_truth else args.model, prompt_seed=args.prompt_seed,
+                 opening_frames=pipe.config.opening_frames if not args.ground_truth and opening else None,
                  steps=None if args.ground_truth else args.steps, guidance_scale=args.guidance_scale)
     print_table(results)
     if args.json:

@@ -92,7 +92,7 @@ def cmd_list(args) -> None:
     import attention
     from pipelines.caches import CACHES
     from pipelines.loading import (available_models, measured_quality, pipeline_class, trained_attention,
-                                   trained_high_noise_model)
+                                   trained_high_noise_model, trained_opening_model)
     from t2v import EMBEDDED_MODEL
     from t2v.guidance import available_guidance
 
@@ -110,6 +110,9 @@ def cmd_list(args) -> None:
             lead = trained_high_noise_model(path)
             if lead:
                 note += f"; {lead[0]} runs the noisiest steps, timestep >= {lead[1]:.0%} of the schedule's"
+            opening = trained_opening_model(path)
+            if opening:
+                note += f"; {opening[0]} makes the first {opening[1]} frames"
             quality = measured_quality(path)
         except (OSError, ValueError) as error:
             note, quality = str(error), None

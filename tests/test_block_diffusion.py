@@ -150,6 +150,19 @@ def test_pipeline_calls_back_per_chunk_and_rejects_what_it_cannot_make(pipe):
         run(pipe, prompt=" ")
 
 
+def test_a_prefix_continues_the_clip_as_if_the_pipeline_had_made_it(pipe):
+    whole = run(pipe, num_frames=8, output_type="latent")
+    for frames in (2, 4):  # one chunk, and two (the window): the rest is the same clip
+        continued = run(pipe, num_frames=8, output_type="latent", prefix_latents=whole[:, :, :frames])
+        torch.testing.assert_close(continued, whole, atol=1e-5, rtol=0)
+    other = torch.rand_like(whole[:, :, :2]) * 2 - 1
+    continued = run(pipe, num_frames=8, output_type="latent", prefix_latents=other)
+    assert torch.equal(continued[:, :, :2], other) and (continued[:, :, 2:] - whole[:, :, 2:]).abs().max() > 1e-3
+    for bad in (whole[:, :, :3], whole, whole[:, :1, :2], whole[0]):
+        with pytest.raises(ValueError, match="prefix_latents"):
+            run(pipe, num_frames=8, prefix_latents=bad)
+
+
 def test_a_chained_prompt_conditions_each_chunk_on_its_segment(pipe):
     seen = []
     original = pipe.transformer.forward
