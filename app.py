@@ -77,7 +77,8 @@ def generate_stream(prompt, seed, steps, frames, model, method, method_options, 
     done_steps = [0]
 
     def on_step(pipeline, step, timestep, callback_kwargs):
-        done_steps[0] += 1
+        # A step of a block model's opening model (its own pipeline) stands for all the chunks it makes.
+        done_steps[0] += 1 if pipeline is pipe else pipe.config.opening_frames // pipe.chunk_frames
         progress((done_steps[0], total), desc="denoising")
         return callback_kwargs
 

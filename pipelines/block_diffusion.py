@@ -132,7 +132,9 @@ class BlockDiffusionPipeline(DiffusionPipeline):
         the starting noise of the whole clip. callback_on_chunk_end(pipeline, chunk_index, frames): called as each
         chunk is finished, with its frames as numpy (batch, chunk_frames, height, width, 3) in [0, 1].
         `prefix_latents`: the clean start of the clip (batch, channels, frames, height, width), whole chunks and
-        fewer than `num_frames`; generation continues after it and the output includes it."""
+        fewer than `num_frames`; generation continues after it and the output includes it. The opening model, if
+        set, runs under the same classifier-free guidance and calls `callback_on_step_end` at its steps too (with
+        its own pipeline as the first argument); `guidance` objects act on the block model's chunks."""
         default_frames, default_height, default_width = self.default_video_shape
         num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
         prompts, segments, chunk_segment = self.check_inputs(prompt, negative_prompt, num_frames, height, width,
@@ -181,7 +183,8 @@ class BlockDiffusionPipeline(DiffusionPipeline):
             if opening:
                 progress_bar.set_description("opening")
                 finished = self._make_opening(segments, negative_prompt, torch.cat(start_noise, 2), num_inference_steps,
-                                              guider, num_videos_per_prompt)
+                                              guider, num_videos_per_prompt, callback_on_step_end,
+                                              callback_on_step_end_tensor_inputs)
                 for j, sample in enumerate(finished):
                     if callback_on_chunk_end is not None:
                         callback_on_chunk_end(self, j, self.video_processor.postprocess_video(
@@ -215,15 +218,17 @@ class BlockDiffusionPipeline(DiffusionPipeline):
             return (frames,)
         return TextToVideoPipelineOutput(frames=frames)
 
-    def _make_opening(self, segments, negative_prompt, noise, num_inference_steps, guider, num_videos_per_prompt):
+    def _make_opening(self, segments, negative_prompt, noise, num_inference_steps, guider, num_videos_per_prompt,
+                      callback_on_step_end, callback_inputs):
         """The opening model's clip start, denoised from `noise` on each prompt's first caption segment, as chunks."""
         opener = TextToVideoPipeline(self.opening_text_encoder, self.opening_transformer,
                                      FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config), guider)
         opener.set_progress_bar_config(disable=True)
         start = opener([parts[0] for parts in segments], negative_prompt=negative_prompt, num_frames=noise.shape[2],
                        height=noise.shape[3], width=noise.shape[4], num_inference_steps=num_inference_steps,
-                       num_videos_per_prompt=num_videos_per_prompt, latents=noise, guidance=[],
-                       output_type="latent").frames
+                       num_videos_per_prompt=num_videos_per_prompt, latents=noise, guidance=[], output_type="latent",
+                       callback_on_step_end=callback_on_step_end,
+                       callback_on_step_end_tensor_inputs=callback_inputs).frames
         return list(start.float().split(self.chunk_frames, dim=2))
 
     def _prefix_chunks(self, prefix_latents, shape, device) -> list[torch.Tensor]:

@@ -210,8 +210,8 @@ def load_pipeline(
         trained with), and the high-noise model it names there, if any (the shipped sparse variants: the dense
         model runs the noisiest steps, where the clip's layout is decided), else leaves the model's own; a named
         method runs alone, and "dense" is plain attention in every case. An opening model named there (the block
-        model's: the dense model makes a clip's first 16 frames) is attached whatever the method. `save_pretrained` does not write that
-        file: copy it along with a fine-tuned folder.
+        model's: the dense model makes a clip's first 16 frames) is attached whatever the method. `save_pretrained`
+        does not write that file: copy it along with a fine-tuned folder.
     guidance: registered guidance names or Guidance objects, used by every call that passes no `guidance`. Only
         this project's pipelines take them: a diffusers pipeline runs its own classifier-free guidance.
     cache: a step cache of `pipelines.caches` (diffusers' FirstBlockCache, MagCache, ...) installed on every

@@ -64,3 +64,18 @@ def test_a_block_model_streams_its_chunks_and_sets_the_frames_slider(monkeypatch
     assert all(Path(path).stat().st_size > 0 for path, _ in updates)
     scale, frames = app.pick_model("block", 15)
     assert scale == 3.0 and frames["step"] == 2 and frames["maximum"] == app.LONG_FRAMES and frames["value"] == 14
+
+
+def test_a_block_models_opening_counts_in_the_progress(monkeypatch):
+    from test_block_diffusion import tiny_block_pipeline
+    from test_pipeline import tiny_pipeline
+
+    block, dense = tiny_block_pipeline(), tiny_pipeline()
+    block.set_opening_model(dense.transformer, dense.text_encoder, 4)
+    monkeypatch.setattr(app, "get_pipeline", lambda model, method, options=(): block)
+    seen = []
+    updates = list(app.generate_stream("a red circle moves to the right", 0, 2, 6, "block", app.MODEL_ATTENTION, "",
+                                       [], 3.0, 0.6, 0.5, progress=lambda value, desc=None: seen.append(value)))
+    # The opening makes chunks 0 and 1 in 2 steps (2 chunks' worth each), then chunk 2 takes 2 steps: 6 of 6.
+    assert seen == [(2, 6), (4, 6), (5, 6), (6, 6)]
+    assert [status.split(" of ")[0] for _, status in updates[:2]] == ["2", "4"] and "6 frames" in updates[-1][1]

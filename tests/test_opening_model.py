@@ -42,6 +42,10 @@ def test_the_opening_model_makes_the_first_frames_and_the_block_model_continues(
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert (got - alone).abs().max() > 1e-3 and torch.equal(got[:, :, :4], start)
     assert [j for j, _ in chunks] == [0, 1, 2, 3] and chunks[0][1] == (1, 2, 16, 16, 3)
+    steps = []
+    clip(pipe, callback_on_step_end=lambda p, i, t, kwargs: steps.append((p is pipe, kwargs["latents"].shape[2]))
+         or kwargs)
+    assert steps == [(False, 4)] * STEPS + [(True, 2)] * 2 * STEPS  # the opening's steps, then two chunks'
     # The opening reads the first caption segment; where that segment is shorter than the opening (here 4 of 8
     # frames against 6), or the clip is, the block model makes the whole clip.
     chained = "a red circle moves to the right, then up"
