@@ -78,6 +78,17 @@ def trained_opening_model(path: str | os.PathLike) -> tuple[str, int] | None:
     return _read_trained(path, read)
 
 
+def _dense_companion(path, cls: type, host: type, role: str, name: str) -> Path:
+    """The folder of the dense model that attention_config.json names for `role`, checked: only `host` folders take
+    one, and it must be a TextToVideoPipeline folder."""
+    if cls is not host:
+        raise ValueError(f"{path}: {role} is supported only by {host.__name__} folders")
+    companion = resolve_model_path(name)
+    if pipeline_class(companion) is not TextToVideoPipeline:
+        raise ValueError(f"{path}: its {role.split(' ', 1)[1]} {name!r} is not a TextToVideoPipeline folder")
+    return companion
+
+
 def measured_quality(path: str | os.PathLike) -> str | None:
     """One line of a folder's measured quality (its quality.json), or None where none was shipped. Fields: accuracy
     and what it counts (`of`), clips, optionally the dense model's accuracy on the same clips and, for a sparse
@@ -252,18 +263,9 @@ def load_pipeline(
     if trained is not None:
         attention, attention_options = trained
         attention_registry.get_method(attention)
-    if lead is not None:
-        if cls is not TextToVideoPipeline:
-            raise ValueError(f"{path}: a high-noise model is supported only by TextToVideoPipeline folders")
-        lead_path = resolve_model_path(lead[0])  # a missing or wrong model fails before the weights are read
-        if pipeline_class(lead_path) is not TextToVideoPipeline:
-            raise ValueError(f"{path}: its high-noise model {lead[0]!r} is not a TextToVideoPipeline folder")
-    if opening is not None:
-        if cls is not BlockDiffusionPipeline:
-            raise ValueError(f"{path}: an opening model is supported only by BlockDiffusionPipeline folders")
-        opening_path = resolve_model_path(opening[0])
-        if pipeline_class(opening_path) is not TextToVideoPipeline:
-            raise ValueError(f"{path}: its opening model {opening[0]!r} is not a TextToVideoPipeline folder")
+    # A missing or wrong companion model fails before any weights are read.
+    lead_path = lead and _dense_companion(path, cls, TextToVideoPipeline, "a high-noise model", lead[0])
+    opening_path = opening and _dense_companion(path, cls, BlockDiffusionPipeline, "an opening model", opening[0])
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
